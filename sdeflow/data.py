@@ -234,6 +234,7 @@ def load_points(path: str | Path) -> Tensor:
         raise ValueError(f"{path}: file not found")
     if suffix not in (".npy", ".csv"):
         raise ValueError(f"{path}: unsupported extension '{path.suffix}', expected .npy or .csv")
+    line_numbers: list[int] = []
     if suffix == ".csv":
         arr, line_numbers = _parse_csv(path)
     else:

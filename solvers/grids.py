@@ -68,7 +68,8 @@ def _check_nodes(nodes: np.ndarray) -> np.ndarray:
     if bad.size:
         i = int(bad[0])
         raise ValueError(
-            f"grid times must be strictly increasing; t[{i}]={nodes[i]!r} >= t[{i + 1}]={nodes[i + 1]!r}"
+            f"grid times must be strictly increasing; "
+            f"t[{i}]={float(nodes[i])!r} >= t[{i + 1}]={float(nodes[i + 1])!r}"
         )
     return nodes
 
@@ -86,7 +87,8 @@ class Grid(ABC):
 
     def times(self, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
         """The nodes as a tensor of shape ``(steps + 1,)``."""
-        return torch.as_tensor(self.nodes(), dtype=dtype, device=device)
+        # a copy: as_tensor would alias ExplicitGrid's read-only array (a warning; writes would alter it)
+        return torch.tensor(self.nodes(), dtype=dtype, device=device)
 
     @abstractmethod
     def with_steps(self, steps: int) -> Grid:
@@ -318,7 +320,7 @@ class StratifiedGrid:
             hi = 0.5 * (u[1:-1] + u[2:])
             u = u.copy()
             u[1:-1] = lo + r * (hi - lo)
-        nodes = self.base.unwarp(u)
+        nodes = np.array(self.base.unwarp(u), dtype=np.float64)  # a copy: base nodes may be read-only
         ends = self.base.nodes()
         nodes[0], nodes[-1] = ends[0], ends[-1]
         return ExplicitGrid(nodes)

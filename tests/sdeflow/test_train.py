@@ -1,0 +1,270 @@
+"""Trainer: configuration, checkpoint round trip, bit-exact resume, NaN roll-back, atomic writes."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import sdeflow.train as train_module
+from sdeflow.train import DataSplit, TrainConfig, Trainer, atomic_write, evaluate_model, load_split
+
+TINY = dict(width=16, depth=2, batch_size=64, steps=5, train_size=512, eval_size=64, eval_every=0,
+            checkpoint_every=0, iterations=4)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny networks: two OpenMP threads only spin-wait on a shared machine (~50x slower), so use one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(**overrides) -> TrainConfig:
+    return TrainConfig(**{**TINY, **overrides})
+
+
+def all_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Every tensor that defines the training state, flattened to names."""
+    out = {f"model.{k}": v for k, v in trainer.model.state_dict().items()}
+    out.update({f"ema.{k}": v for k, v in trainer.ema.state_dict().items()})
+    for i, state in trainer.optimizer.state_dict()["state"].items():
+        out.update({f"adam.{i}.{k}": v for k, v in state.items()})
+    out["generator"] = trainer.generator.get_state()
+    return out
+
+
+def assert_same_state(a: Trainer, b: Trainer) -> None:
+    sa, sb = all_state(a), all_state(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert a.iteration == b.iteration and a.ema_updates == b.ema_updates
+    assert a.scheduler.state_dict() == b.scheduler.state_dict()
+    assert [g["lr"] for g in a.optimizer.param_groups] == [g["lr"] for g in b.optimizer.param_groups]
+    assert a.history.losses == b.history.losses
+
+
+# -- configuration ------------------------------------------------------------------------------------------
+
+def test_config_defaults_are_the_published_setting_and_validate():
+    c = TrainConfig()
+    assert (c.diffusion, c.t0, c.T, c.grid_exponent, c.steps) == (0.2, 0.001, 0.05, 0.9, 30)
+    assert c.batch_size == 5000
+    assert (c.drift_lr, c.score_lr, c.lr_decay, c.lr_decay_every, c.ema_decay, c.grad_clip) == \
+        (1e-2, 1e-2, 0.95, 200, 0.999, 1.0)
+    assert c.random_grid and c.iterations == 3000 and c.steps_schedule == () and c.final_steps == 30
+    for bad in (dict(steps=0), dict(batch_size=-1), dict(t0=0.1, T=0.05), dict(drift_lr=float("nan")),
+                dict(steps_schedule=((5, 10), (2, 20))), dict(steps_schedule=((0, 0),)), dict(grad_clip=0.0)):
+        with pytest.raises(ValueError):
+            TrainConfig(**bad)
+
+
+def test_progressive_schedule_and_dict_round_trip():
+    q = TrainConfig.quick()
+    assert [q.steps_at(i) for i in (0, 499, 500, 999, 1000, 10**6)] == [10, 10, 20, 20, 30, 30]
+    assert q.final_steps == 30 and q.grid().steps == 30 and q.grid(7).steps == 7
+    assert TrainConfig(steps=4, steps_schedule=((3, 8),)).steps_at(2) == 4
+    d = q.to_dict()
+    assert d["steps_schedule"] == [[0, 10], [500, 20], [1000, 30]]
+    assert TrainConfig.from_dict(d) == q
+    with pytest.raises(ValueError, match="unknown"):
+        TrainConfig.from_dict({**d, "bogus": 1})
+
+
+# -- data and construction ----------------------------------------------------------------------------------
+
+def test_seed_fixes_split_and_init_without_touching_global_rng():
+    before = torch.get_rng_state()
+    a, b, c = Trainer(tiny(), "moons"), Trainer(tiny(), "moons"), Trainer(tiny(seed=1), "moons")
+    assert torch.equal(torch.get_rng_state(), before)
+    assert_same_state(a, b)
+    assert torch.equal(a.split.train, b.split.train)
+    assert not torch.equal(a.model.drift.out.weight, c.model.drift.out.weight)
+    assert not torch.equal(a.split.train, c.split.train)
+    # the EMA starts as a copy, the two networks are separate Adam groups
+    assert torch.equal(a.ema.score.out.weight, a.model.score.out.weight)
+    assert [g["name"] for g in a.optimizer.param_groups] == ["drift", "score"]
+
+
+def test_file_split_is_disjoint(tmp_path):
+    points = np.random.default_rng(0).normal(size=(100, 2)).astype(np.float32)
+    np.save(tmp_path / "pts.npy", points)
+    split = load_split(str(tmp_path / "pts.npy"), 10_000, 50, torch.Generator().manual_seed(0))
+    assert len(split.heldout) == len(split.reference) == 20 and len(split.train) == 60
+    rows = {tuple(r) for part in (split.train, split.heldout, split.reference) for r in part.tolist()}
+    assert len(rows) == 100
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_split("no_such_set", 10, 10, torch.Generator())
+
+
+# -- checkpoints and exact resume ------------------------------------------------------------------------
+
+def test_checkpoint_round_trip(tmp_path):
+    trainer = Trainer(tiny(), "8gaussians")
+    trainer.train(2, progress=False)
+    trainer.evaluate()
+    path = tmp_path / "checkpoint.pt"
+    trainer.save(path)
+    loaded = Trainer.from_checkpoint(path)
+    assert_same_state(trainer, loaded)
+    assert loaded.config == trainer.config and loaded.data == "8gaussians"
+    assert loaded.scaler.state_dict() == trainer.scaler.state_dict()
+    for name in ("train", "heldout", "heldout_labels", "reference"):
+        assert torch.equal(getattr(loaded.split, name), getattr(trainer.split, name))
+    assert loaded.history == trainer.history and len(loaded.history.evals) == 1
+    raw = torch.load(path, weights_only=True)
+    assert {"model", "ema", "optimizer", "scheduler", "generator", "torch_rng", "iteration", "config",
+            "scaler", "data", "history"} <= raw.keys()
+
+
+def test_resume_is_bit_identical(tmp_path):
+    # crosses a change of N (3 -> 5) and a learning-rate decay at the split point
+    config = tiny(steps_schedule=((0, 3), (3, 5)), lr_decay_every=2, lr_decay=0.5)
+    k = 3
+    straight = Trainer(config, "moons")
+    straight.train(2 * k, progress=False)
+
+    first = Trainer(config, "moons")
+    path = tmp_path / "checkpoint.pt"
+    first.train(k, checkpoint=path, progress=False)
+    del first
+    resumed = Trainer.from_checkpoint(path)
+    assert resumed.iteration == k
+    resumed.train(2 * k, progress=False)
+    assert_same_state(straight, resumed)
+
+
+def test_periodic_checkpoints(tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(Trainer, "save", lambda self, path: saved.append(self.iteration))
+    Trainer(tiny(checkpoint_every=2), "moons").train(5, checkpoint=tmp_path / "c.pt", progress=False)
+    assert saved == [2, 4, 5]
+
+
+def test_atomic_write_keeps_old_checkpoint_on_failure(tmp_path, monkeypatch):
+    trainer = Trainer(tiny(), "moons")
+    path = tmp_path / "checkpoint.pt"
+    trainer.save(path)
+    before = path.read_bytes()
+    trainer.step()
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"partial checkpoint bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temporary left behind
+    monkeypatch.undo()
+    assert Trainer.from_checkpoint(path).iteration == 0
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    p = tmp_path / "f.bin"
+    atomic_write(p, lambda f: f.write(b"old"))
+    atomic_write(p, lambda f: f.write(b"new content"))
+    assert p.read_bytes() == b"new content" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_from_checkpoint_refuses_missing_and_foreign_files(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        Trainer.from_checkpoint(tmp_path / "nothing.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an sdeflow trainer checkpoint"):
+        Trainer.from_checkpoint(tmp_path / "other.pt")
+    (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        Trainer.from_checkpoint(tmp_path / "junk.pt")
+
+
+# -- NaN handling -------------------------------------------------------------------------------------------
+
+def nan_loss_at(monkeypatch, trainer: Trainer, iteration: int, times: int | None) -> list[int]:
+    """Make path_kl return a NaN loss at ``iteration`` (``times`` attempts, None: forever)."""
+    real = train_module.path_kl
+    calls: list[int] = []
+
+    def patched(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if trainer.iteration >= iteration and (times is None or len(calls) < times):
+            calls.append(trainer.iteration)
+            return dataclasses.replace(out, loss=out.loss * float("nan"))
+        return out
+
+    monkeypatch.setattr(train_module, "path_kl", patched)
+    return calls
+
+
+def test_transient_nan_is_retried_with_fresh_noise(monkeypatch):
+    trainer = Trainer(tiny(), "moons")
+    calls = nan_loss_at(monkeypatch, trainer, 2, times=2)
+    trainer.train(4, progress=False)
+    assert calls == [2, 2] and trainer.iteration == 4
+    assert [e["iteration"] for e in trainer.history.nan_events] == [2, 2]
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    # the retries drew fresh batches and noise: the run differs from an undisturbed one
+    clean = Trainer(tiny(), "moons")
+    monkeypatch.undo()
+    clean.train(4, progress=False)
+    assert not torch.equal(clean.model.drift.out.weight, trainer.model.drift.out.weight)
+
+
+def test_persistent_nan_raises_and_leaves_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(tiny(max_nan_retries=3), "moons")
+    path = tmp_path / "checkpoint.pt"
+    trainer.train(2, checkpoint=path, progress=False)
+    before = path.read_bytes()
+    good = {k: v.clone() for k, v in all_state(trainer).items() if not k.startswith("generator")}
+    calls = nan_loss_at(monkeypatch, trainer, 2, times=None)
+    with pytest.raises(FloatingPointError, match="iteration 2.*4 consecutive attempts"):
+        trainer.train(6, checkpoint=path, progress=False)
+    assert len(calls) == 4  # 1 attempt + max_nan_retries retries
+    assert path.read_bytes() == before
+    after = all_state(trainer)
+    assert all(torch.equal(v, after[k]) for k, v in good.items())  # rolled back to the last good state
+    assert trainer.iteration == 2
+
+
+def test_non_finite_step_is_rolled_back(monkeypatch):
+    trainer = Trainer(tiny(), "moons")
+    trainer.train(1, progress=False)
+    lr = trainer.optimizer.param_groups[1]["lr"]
+    trainer.optimizer.param_groups[1]["lr"] = float("nan")  # the next step writes NaN into the score net
+    trainer.step()
+    assert trainer.iteration == 2
+    assert "parameters became non-finite" in trainer.history.nan_events[0]["reason"]
+    assert trainer.optimizer.param_groups[1]["lr"] == lr  # restored from the snapshot with the optimizer
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert all(torch.isfinite(p).all() for p in trainer.ema.parameters())
+
+
+def test_simulation_blow_up_counts_as_failure(monkeypatch):
+    trainer = Trainer(tiny(max_nan_retries=0), "moons")
+
+    def exploding(*args, **kwargs):
+        raise FloatingPointError("the state became NaN or infinite at step 3")
+
+    monkeypatch.setattr(train_module, "path_kl", exploding)
+    with pytest.raises(FloatingPointError, match="iteration 0: simulation"):
+        trainer.step()
+
+
+# -- evaluation -------------------------------------------------------------------------------------------
+
+def test_evaluate_model_reports_everything():
+    trainer = Trainer(tiny(), "8gaussians")
+    trainer.train(2, progress=False)
+    split: DataSplit = trainer.split
+    metrics, samples = evaluate_model(trainer.ema, trainer.config, trainer.scaler, split.heldout,
+                                      split.reference, seed=0)
+    assert samples.shape == (64, 2) and torch.isfinite(samples).all()
+    for key in ("bound_nll", "ode_nll", "bound_nll_data", "ode_nll_data", "mmd2", "mmd2_floor", "hist_kl",
+                "hist_kl_floor"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["ode_nll_data"] - metrics["ode_nll"] == pytest.approx(-metrics["scaler_log_det"])
