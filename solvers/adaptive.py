@@ -852,7 +852,8 @@ class _Stepper:
                 error_estimate=error, prev_step_size=step, prev_error_ratio=self.prev_ratio
             )
             self.prev_ratio = ratio
-            if error <= 1.0 or step <= dt_min:
+            # Compare the proposal h, not nxt - cur: after rounding, cur + dt_min - cur can exceed dt_min.
+            if error <= 1.0 or min(h, step) <= dt_min:
                 y, extra = y_two, extra_two
                 if trace is not None:
                     trace.append([cur, mid, -1])

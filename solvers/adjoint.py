@@ -123,7 +123,7 @@ class _DiscreteAdjointFunction(torch.autograd.Function):
         sde, cost, nodes = problem.sde, problem.cost, problem.nodes
         noise_type = problem.noise_type
         ts = problem.times().unbind(0)
-        grad_of_saved = dict(zip(problem.save, grad_xs.unbind(0))) if grad_xs is not None else {}
+        grad_of_saved = dict(zip(problem.save, grad_xs.unbind(0), strict=True)) if grad_xs is not None else {}
         param_grads = [torch.zeros_like(p) for p in params]
 
         adjoint_next: Tensor | None = None  # a_{j+1}
@@ -155,7 +155,7 @@ class _DiscreteAdjointFunction(torch.autograd.Function):
             if j in grad_of_saved:
                 adjoint = adjoint + grad_of_saved[j]
             carry = grads[1] if len(inputs) > 1 else None
-            for acc, grad in zip(param_grads, grads[len(inputs):]):
+            for acc, grad in zip(param_grads, grads[len(inputs):], strict=True):
                 if grad is not None:
                     acc.add_(grad)
             adjoint_next = adjoint

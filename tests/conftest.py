@@ -24,3 +24,12 @@ def generator(seed: int) -> torch.Generator:
 @pytest.fixture
 def device() -> torch.device:
     return torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    # The tests run tiny networks: one thread avoids OpenMP start-up and oversubscription on small machines.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

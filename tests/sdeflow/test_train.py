@@ -75,6 +75,12 @@ def test_progressive_schedule_and_dict_round_trip():
         TrainConfig.from_dict({**d, "bogus": 1})
 
 
+def test_antithetic_switch_reaches_the_loss():
+    a, b = Trainer(tiny(), "moons"), Trainer(tiny(antithetic=False), "moons")
+    la, lb = a.step(), b.step()
+    assert math.isfinite(la) and math.isfinite(lb) and la != lb
+
+
 # -- data and construction ----------------------------------------------------------------------------------
 
 def test_seed_fixes_split_and_init_without_touching_global_rng():
