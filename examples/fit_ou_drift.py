@@ -20,7 +20,7 @@ The true process, on states x in R^2, with one rate per coordinate (theta_1, the
 The drift is the hard part: its statistical error shrinks like 1 / sqrt(total observed time), whatever dt,
 while sigma is pinned by the increments' quadratic variation almost at once.
 
-Run:  python examples/fit_ou_drift.py            (about 10 s on one CPU core)
+Run:  python examples/fit_ou_drift.py            (about 15 s on one CPU core)
       python examples/fit_ou_drift.py --help
 """
 

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help=f"dataset name ({', '.join(dataset_names())}) or a .npy/.csv file of "
                                   f"2D points (optional with --resume)")
     t.add_argument("--out", required=True, type=Path, help="output directory")
-    t.add_argument("--preset", choices=("paper", "quick"), default="quick",
+    t.add_argument("--preset", choices=("paper", "quick"), default=None,
                    help="quick: a run of a few minutes on a 2-core CPU (default); paper: the published 2D "
                         "setting (batch 5000, N = 30, 3000 iterations: hours on a CPU)")
     t.add_argument("--iterations", type=_positive, help="total iterations (with --resume: the new total)")

@@ -19,8 +19,11 @@ solver                    calculus      noise types                 strong order
 ``solvers.Midpoint``.)
 
 Orders are torchsde's declarations; the strong orders are measured in ``tests/solvers/test_adaptive.py``.
-The order 1 of the Stratonovich methods for diagonal noise assumes commuting noise (``g_i`` depends on
-``x_i`` only), which is what "diagonal" means in the literature.
+
+**Diagonal noise** here means what torchsde assumes: ``g_i`` depends on ``x_i`` (and ``t``) only. Milstein's
+correction ``g dg/dx``, the Itô form of :class:`BacksolveAdjoint` and the order 1 of the Stratonovich
+methods (commuting noise) rely on it; a diffusion whose ``i``-th entry reads other coordinates is general
+noise in disguise (write it as ``general`` with an ``m = d`` diagonal matrix to solve it correctly).
 
 **Steps.** With ``adaptive=None`` a solver takes exactly one step per grid interval, between the grid's
 float64 nodes (no accumulated time, no interpolation, no sliver steps). With ``adaptive=AdaptiveSteps(...)``
@@ -30,9 +33,9 @@ with two steps of size ``h/2`` (torchsde's estimate), accepted when
     sqrt(mean(((y_h - y_{h/2}) / (atol + rtol max(|y_h|, |y_{h/2}|)))^2)) <= 1,
 
 the two half steps are kept, and ``h`` is updated by torchsde's PI controller. A step never crosses a grid
-node: it is clipped to land on it (and stretched by at most 10 % rather than leave a sliver), so the
-solution is the solver's own value at every node, never an interpolant, and ``SolveStats`` counts the
-accepted and rejected steps.
+node: the last one is clipped to land on it (and when between one and two steps remain, the rest is
+halved rather than leave a sliver), so the solution is the solver's own value at every node, never an
+interpolant, and ``SolveStats`` counts the accepted and rejected steps.
 
 **Reversed grids** (decreasing nodes) are solved forward in ``s = -t`` through
 :class:`solvers.sde.TimeReversedSDE`, driven by ``W'(s) = W(-s)``: for a Stratonovich SDE a backward solve
@@ -120,9 +123,6 @@ _LEVY_AREAS_WITH_U = ("space-time", "davie", "foster")
 _ALL_NOISE = frozenset(NoiseType)
 _COMMUTING_NOISE = frozenset({NoiseType.DIAGONAL, NoiseType.SCALAR, NoiseType.ADDITIVE})
 
-# A step that would leave less than this fraction of h before the next node is stretched onto the node.
-_STRETCH = 1.1
-
 
 @dataclass(frozen=True)
 class AdaptiveSteps:
@@ -176,9 +176,6 @@ class TorchsdeSolver(SDESolver):
 
     @abstractmethod
     def weak_order(self, noise_type: NoiseType | str) -> float: ...
-
-    def _options(self) -> dict[str, Any]:
-        return {}
 
     def _supported(self, noise_type: NoiseType | str) -> NoiseType:
         noise_type = NoiseType(noise_type)
@@ -259,9 +256,6 @@ class Milstein(TorchsdeSolver):
     _method: ClassVar[str] = _MILSTEIN
     _sde_types: ClassVar[frozenset[SDEType]] = frozenset({SDEType.ITO, SDEType.STRATONOVICH})
     _noise_types: ClassVar[frozenset[NoiseType]] = _COMMUTING_NOISE
-
-    def _options(self) -> dict[str, Any]:
-        return {_GRAD_FREE: self.grad_free}
 
     def strong_order(self, noise_type: NoiseType | str) -> float:
         self._supported(noise_type)
@@ -423,16 +417,20 @@ class BacksolveAdjoint(Adjoint):
         da = -a (df/dx) dt - a (dg/dx) o dW
         d(dL/dtheta) = -a (df/dtheta) dt - a (dg/dtheta) o dW,
 
-    is solved backward from the last node on the same Brownian path (Itô SDEs get torchsde's correction
-    terms). Memory does not grow with the number of steps: only the saved states are kept, and ``x`` is
-    reconstructed by the backward solve (and reset to the stored value at every saved node).
+    is solved backward from the last node on the same Brownian path (torchsde's ``AdjointSDE``; Itô SDEs
+    get its Itô–Stratonovich correction terms, which assume diagonal noise in the sense of the module
+    docstring). Memory does not grow with the number of steps: only the saved states are kept, and ``x`` is
+    reconstructed by the backward solve (and reset to the stored value at every saved node). The backward
+    pass steps exactly on the reversed grid nodes, like the forward one. No double backward.
 
     The gradient is *approximate*: it is the gradient of the exact solution map, not of the discretized
     forward solve, so it matches :class:`solvers.DirectAdjoint` only as ``dt -> 0`` (at the backward
     method's strong order). For exact gradients in constant memory use :class:`ReversibleAdjoint`.
 
-    The forward solve may use any torchsde-backed solver, or :class:`solvers.EulerMaruyama` (which is then
-    stepped as :class:`TorchsdeEuler`, driven by a Brownian path rather than fresh draws). No path cost.
+    The forward solve may use any torchsde-backed solver, or :class:`solvers.EulerMaruyama`, which is then
+    stepped as :class:`TorchsdeEuler`: the same scheme, driven by a Brownian path (the backward solve must
+    query the same noise again). Given the same path it gives the same forward values; given only a
+    generator, its noise differs from the fresh draws EulerMaruyama makes under DirectAdjoint. No path cost.
 
     Args:
         solver: method of the backward solve: ``TorchsdeEuler``/``EulerMaruyama`` or ``Milstein`` (diagonal
@@ -487,7 +485,7 @@ class BacksolveAdjoint(Adjoint):
                 raise ValueError(f"Milstein solves adjoints of diagonal noise only, not {noise_type.value}")
             if solver.grad_free:
                 raise ValueError("the adjoint SDE has no diffusion to difference: use Milstein()")
-        return solver._method, solver._options()
+        return solver._method, _method_options(solver)
 
     def solve(self, solver: SDESolver, problem: Problem) -> Solution:
         forward = _forward_solver(solver, "BacksolveAdjoint")
@@ -508,8 +506,8 @@ class ReversibleAdjoint(Adjoint):
     and backpropagates through each reconstructed step locally (torchsde's ``adjoint_reversible_heun``).
     Only the final state, the saved states and the step times are kept. The gradient equals
     :class:`solvers.DirectAdjoint`'s through ``ReversibleHeun`` up to the rounding of the reconstruction
-    (about 1e-10 relative in float64 on small problems), also with adaptive steps, whose accepted step
-    times are replayed in reverse. No path cost.
+    (about 1e-15 relative in float64 on small problems), also with adaptive steps, whose accepted step
+    times are replayed in reverse. No path cost, no double backward.
 
     Example:
         >>> import solvers
@@ -552,6 +550,11 @@ def _forward_solver(solver: SDESolver, adjoint: str) -> TorchsdeSolver:
     if not isinstance(solver, TorchsdeSolver):
         raise TypeError(f"{adjoint} needs EulerMaruyama or a torchsde solver, got {type(solver).__name__}")
     return solver
+
+
+def _method_options(solver: TorchsdeSolver) -> dict[str, Any]:
+    # torchsde's per-method options; only Milstein has one.
+    return {_GRAD_FREE: solver.grad_free} if isinstance(solver, Milstein) else {}
 
 
 def _parameters(module: nn.Module) -> list[Tensor]:
@@ -731,7 +734,7 @@ class _Run:
         # Forward noise: W(s) on an increasing grid; W'(s) = W(-s) on a decreasing one.
         self.noise = _Noise(source, noise_shape, x0.dtype, flip=not self.increasing,
                             sign=1.0 if self.increasing else -1.0)
-        self.method = _new_method(solver._method, self.forward_sde, self.noise, solver._options())
+        self.method = _new_method(solver._method, self.forward_sde, self.noise, _method_options(solver))
 
     def _brownian_dimension(self) -> int:
         x0 = self.problem.x0
@@ -836,10 +839,13 @@ class _Stepper:
         cur, cur_t = ta, ta_t
         while cur < tb:
             h = self.h
-            if tb - cur <= _STRETCH * h:
+            remaining = tb - cur
+            if remaining <= h:
                 nxt, nxt_t = tb, tb_t
             else:
-                nxt = cur + h
+                # Between one and two steps from the node: halve the rest rather than leave a sliver.
+                # Steps never exceed h, so a rejection (new h < step) always shrinks the next try.
+                nxt = cur + (0.5 * remaining if remaining < 2 * h else h)
                 nxt_t = _time(nxt)
             step = nxt - cur
             mid = cur + 0.5 * step

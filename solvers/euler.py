@@ -137,8 +137,8 @@ class EulerMaruyama(SDESolver):
         save = set(problem.save)
         x = problem.x0
         saved = [x] if 0 in save else []
-        states = [x] if record else None
-        increments: list[Tensor] | None = [] if record else None
+        states: list[Tensor] | None = None
+        increments: list[Tensor] | None = None
         total: Tensor | None = None
         f = g = None
         shape: tuple[int, ...] = ()
@@ -151,12 +151,23 @@ class EulerMaruyama(SDESolver):
                     _check_drift(f, x)
                     check_diffusion_shape(noise_type, g, x)
                     shape = noise_shape(noise_type, g, x)  # fixed by the checked shapes of step 0
+                    if record:
+                        # Two buffers allocated once rather than 2N small tensors kept one per step: small
+                        # long-lived blocks between each step's large short-lived activations fragment the C
+                        # heap (glibc), and the peak memory then grows with N far beyond the states themselves.
+                        state_buffer = x.new_empty((steps + 1, *x.shape))
+                        state_buffer[0] = x
+                        increment_buffer = x.new_empty((steps, *shape))
             dt = dts[k]
             z, scale = problem.increment(k, shape)
             if record or cost is not None:
                 dw = z * scale if scale != 1.0 else z
                 z, scale = dw, 1.0
             x_next = euler_update(noise_type, x, f, g, dt, z, scale)
+            if record:
+                state_buffer[k + 1] = x_next
+                increment_buffer[k] = dw
+                x_next, dw = state_buffer[k + 1], increment_buffer[k]  # the fresh tensors are freed now
             f = g = None
             if cost is not None:
                 f, g = sde.drift(ts[k + 1], x_next), sde.diffusion(ts[k + 1], x_next)
@@ -166,9 +177,8 @@ class EulerMaruyama(SDESolver):
             x = x_next
             if k + 1 in save:
                 saved.append(x)
-            if record:
-                states.append(x)
-                increments.append(dw)
+        if record:
+            states, increments = list(state_buffer.unbind(0)), list(increment_buffer.unbind(0))
         stats = SolveStats(steps=steps, drift_evals=drift_evals, diffusion_evals=diffusion_evals)
         return Trajectory(saved, total, stats, states, increments)
 

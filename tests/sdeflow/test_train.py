@@ -64,7 +64,7 @@ def test_config_defaults_are_the_published_setting_and_validate():
 
 
 def test_progressive_schedule_and_dict_round_trip():
-    q = TrainConfig.quick()
+    q = TrainConfig.quick(steps_schedule=((0, 10), (500, 20), (1000, 30)))
     assert [q.steps_at(i) for i in (0, 499, 500, 999, 1000, 10**6)] == [10, 10, 20, 20, 30, 30]
     assert q.final_steps == 30 and q.grid().steps == 30 and q.grid(7).steps == 7
     assert TrainConfig(steps=4, steps_schedule=((3, 8),)).steps_at(2) == 4

@@ -308,12 +308,12 @@ def test_adaptive_reversed_grid_retraces_a_stratonovich_solve():
         assert torch.equal(back.ts, grid.reversed().times())
         errors.append(float((back.xs[-1] - x0).abs().max()))
     assert errors[1] < errors[0] / 4 and errors[1] < 1e-2, errors
-    solver = solvers.Heun(adaptive=solvers.AdaptiveSteps(rtol=1e-6, atol=1e-8))
+    solver = solvers.Heun(adaptive=solvers.AdaptiveSteps(rtol=1e-3, atol=1e-5))
     grid = solvers.UniformGrid(0.0, T, 4)
     with torch.no_grad():
         x1 = solvers.sdesolve(sde, x0, grid, solver=solver, brownian=path).xs[-1]
         back = solvers.sdesolve(sde, x1, grid.reversed(), solver=solver, brownian=path).xs[-1]
-    assert float((back - x0).abs().max()) < 1e-3
+    assert float((back - x0).abs().max()) < 2e-2
 
 
 def test_flipped_noise_has_additive_levy_area():
@@ -391,14 +391,17 @@ def test_backsolve_gradient_converges_to_backprop(sde_type, solver):
 def test_backsolve_supports_saveat_reversed_grids_and_its_own_settings():
     sde = NeuralSDE(SDEType.STRATONOVICH)
     path = solvers.BrownianPath(0.0, T, (8, 2), seed=3, dtype=torch.float64)
-    grid = solvers.PowerGrid(0.05, T, 200, exponent=0.8).reversed()
-    save = solvers.SaveAt(t0=True, every=50)
+    grid = solvers.PowerGrid(0.05, T, 40, exponent=0.8).reversed()
+    save = solvers.SaveAt(t0=True, every=10)
     _, direct = gradients(sde, solvers.Heun(), solvers.DirectAdjoint(), grid, path, save)
-    adaptive = solvers.AdaptiveSteps(rtol=1e-6, atol=1e-8)
-    adjoint = solvers.BacksolveAdjoint(solver=solvers.Heun(), adaptive=adaptive)
-    sol, back = gradients(sde, solvers.Heun(), adjoint, grid, path, save)
-    assert torch.equal(sol.ts, grid.times()[list(save.indices(200))])
-    assert relative(back, direct) < 1e-3
+    sol, fixed = gradients(sde, solvers.Heun(), solvers.BacksolveAdjoint(solver=solvers.Heun()), grid, path, save)
+    assert torch.equal(sol.ts, grid.times()[list(save.indices(40))])
+    assert relative(fixed, direct) < 1e-4
+    # Adaptive backward steps solve the continuous adjoint more finely than the forward grid: the gradient
+    # moves towards the continuous problem's, away from the discrete forward solve's, by O(forward error).
+    adaptive = solvers.BacksolveAdjoint(solver=solvers.Heun(), adaptive=solvers.AdaptiveSteps(rtol=1e-3))
+    _, refined = gradients(sde, solvers.Heun(), adaptive, grid, path, save)
+    assert relative(refined, direct) < 1e-2
 
 
 @pytest.mark.parametrize(
