@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from abc import abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -166,16 +165,22 @@ class TorchsdeSolver(SDESolver):
     _sde_types: ClassVar[frozenset[SDEType]]
     _noise_types: ClassVar[frozenset[NoiseType]]
     _needs_levy_area: ClassVar[bool] = False
+    # declared orders: the strong order for each supported noise type (a default and its exceptions), weak order
+    _strong: ClassVar[float]
+    _strong_exceptions: ClassVar[dict[NoiseType, float]] = {}
+    _weak: ClassVar[float] = 1.0
 
     def __post_init__(self) -> None:
         if self.adaptive is not None and not isinstance(self.adaptive, AdaptiveSteps):
             raise TypeError(f"adaptive must be an AdaptiveSteps or None, got {type(self.adaptive).__name__}")
 
-    @abstractmethod
-    def strong_order(self, noise_type: NoiseType | str) -> float: ...
+    def strong_order(self, noise_type: NoiseType | str) -> float:
+        noise_type = self._supported(noise_type)
+        return self._strong_exceptions.get(noise_type, self._strong)
 
-    @abstractmethod
-    def weak_order(self, noise_type: NoiseType | str) -> float: ...
+    def weak_order(self, noise_type: NoiseType | str) -> float:
+        self._supported(noise_type)
+        return self._weak
 
     def _supported(self, noise_type: NoiseType | str) -> NoiseType:
         noise_type = NoiseType(noise_type)
@@ -229,12 +234,8 @@ class TorchsdeEuler(TorchsdeSolver):
     _sde_types: ClassVar[frozenset[SDEType]] = frozenset({SDEType.ITO})
     _noise_types: ClassVar[frozenset[NoiseType]] = _ALL_NOISE
 
-    def strong_order(self, noise_type: NoiseType | str) -> float:
-        return 1.0 if self._supported(noise_type) is NoiseType.ADDITIVE else 0.5
-
-    def weak_order(self, noise_type: NoiseType | str) -> float:
-        self._supported(noise_type)
-        return 1.0
+    _strong: ClassVar[float] = 0.5
+    _strong_exceptions: ClassVar[dict[NoiseType, float]] = {NoiseType.ADDITIVE: 1.0}
 
 
 @dataclass(frozen=True)
@@ -257,13 +258,7 @@ class Milstein(TorchsdeSolver):
     _sde_types: ClassVar[frozenset[SDEType]] = frozenset({SDEType.ITO, SDEType.STRATONOVICH})
     _noise_types: ClassVar[frozenset[NoiseType]] = _COMMUTING_NOISE
 
-    def strong_order(self, noise_type: NoiseType | str) -> float:
-        self._supported(noise_type)
-        return 1.0
-
-    def weak_order(self, noise_type: NoiseType | str) -> float:
-        self._supported(noise_type)
-        return 1.0
+    _strong: ClassVar[float] = 1.0
 
 
 @dataclass(frozen=True)
@@ -287,13 +282,8 @@ class SRK(TorchsdeSolver):
     _noise_types: ClassVar[frozenset[NoiseType]] = _COMMUTING_NOISE
     _needs_levy_area: ClassVar[bool] = True
 
-    def strong_order(self, noise_type: NoiseType | str) -> float:
-        self._supported(noise_type)
-        return 1.5
-
-    def weak_order(self, noise_type: NoiseType | str) -> float:
-        self._supported(noise_type)
-        return 1.5
+    _strong: ClassVar[float] = 1.5
+    _weak: ClassVar[float] = 1.5
 
 
 @dataclass(frozen=True)
@@ -314,12 +304,8 @@ class Heun(TorchsdeSolver):
     _sde_types: ClassVar[frozenset[SDEType]] = frozenset({SDEType.STRATONOVICH})
     _noise_types: ClassVar[frozenset[NoiseType]] = _ALL_NOISE
 
-    def strong_order(self, noise_type: NoiseType | str) -> float:
-        return 0.5 if self._supported(noise_type) is NoiseType.GENERAL else 1.0
-
-    def weak_order(self, noise_type: NoiseType | str) -> float:
-        self._supported(noise_type)
-        return 1.0
+    _strong: ClassVar[float] = 1.0
+    _strong_exceptions: ClassVar[dict[NoiseType, float]] = {NoiseType.GENERAL: 0.5}
 
 
 @dataclass(frozen=True)
@@ -340,12 +326,8 @@ class StratonovichMidpoint(TorchsdeSolver):
     _sde_types: ClassVar[frozenset[SDEType]] = frozenset({SDEType.STRATONOVICH})
     _noise_types: ClassVar[frozenset[NoiseType]] = _ALL_NOISE
 
-    def strong_order(self, noise_type: NoiseType | str) -> float:
-        return 0.5 if self._supported(noise_type) is NoiseType.GENERAL else 1.0
-
-    def weak_order(self, noise_type: NoiseType | str) -> float:
-        self._supported(noise_type)
-        return 1.0
+    _strong: ClassVar[float] = 1.0
+    _strong_exceptions: ClassVar[dict[NoiseType, float]] = {NoiseType.GENERAL: 0.5}
 
 
 @dataclass(frozen=True)
@@ -365,12 +347,8 @@ class EulerHeun(TorchsdeSolver):
     _sde_types: ClassVar[frozenset[SDEType]] = frozenset({SDEType.STRATONOVICH})
     _noise_types: ClassVar[frozenset[NoiseType]] = _ALL_NOISE
 
-    def strong_order(self, noise_type: NoiseType | str) -> float:
-        return 0.5 if self._supported(noise_type) is NoiseType.GENERAL else 1.0
-
-    def weak_order(self, noise_type: NoiseType | str) -> float:
-        self._supported(noise_type)
-        return 1.0
+    _strong: ClassVar[float] = 1.0
+    _strong_exceptions: ClassVar[dict[NoiseType, float]] = {NoiseType.GENERAL: 0.5}
 
 
 @dataclass(frozen=True)
@@ -396,12 +374,8 @@ class ReversibleHeun(TorchsdeSolver):
     _sde_types: ClassVar[frozenset[SDEType]] = frozenset({SDEType.STRATONOVICH})
     _noise_types: ClassVar[frozenset[NoiseType]] = _ALL_NOISE
 
-    def strong_order(self, noise_type: NoiseType | str) -> float:
-        return 1.0 if self._supported(noise_type) is NoiseType.ADDITIVE else 0.5
-
-    def weak_order(self, noise_type: NoiseType | str) -> float:
-        self._supported(noise_type)
-        return 1.0
+    _strong: ClassVar[float] = 0.5
+    _strong_exceptions: ClassVar[dict[NoiseType, float]] = {NoiseType.ADDITIVE: 1.0}
 
 
 # --------------------------------------------------------------------------------------------------------
