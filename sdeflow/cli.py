@@ -284,14 +284,13 @@ def _sample(args: argparse.Namespace) -> int:
     g = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
         if args.ode:
-            from .sample import prior_sample
+            from .sample import sample_ode
 
-            x_T = prior_sample(args.n, (DIM,), generator=g)
             if args.steps is None:
                 grid, solver = solvers.UniformGrid(cfg.t0, cfg.T, 1), solvers.Dopri5(rtol=1e-5, atol=1e-5)
             else:
                 grid, solver = cfg.grid(args.steps), solvers.RK4()
-            y = solvers.odesolve(model.probability_flow(), x_T, grid.reversed(), solver=solver).xs[-1]
+            y = sample_ode(model, args.n, (DIM,), grid, generator=g, solver=solver)
         else:
             from .sample import sample
 
