@@ -104,10 +104,7 @@ def _noise_source(source: str, grid: solvers.Grid, sde: NeuralSDE) -> dict:
 
 
 def _loss(kind: str, sde, cost, grid, adjoint, x0, source) -> tuple[Tensor, solvers.Solution]:
-    weights = None
-    save = solvers.SaveAt()
-    if kind == "saved":
-        save = solvers.SaveAt(every=5)
+    save = solvers.SaveAt(every=5) if kind == "saved" else solvers.SaveAt()
     sol = solvers.sdesolve(sde, x0, grid, adjoint=adjoint, save=save, cost=cost if kind == "cost" else None,
                            **_noise_source(source, grid, sde))
     if kind == "terminal":
@@ -129,7 +126,7 @@ def _relative(a: Tensor, b: Tensor) -> float:
 def test_discrete_adjoint_equals_backprop(noise, grid_name, source, kind):
     grid = GRIDS[grid_name]
     sde, cost = _models(noise)
-    wrt = [p for p in (*sde.parameters(), *(cost.parameters() if kind == "cost" else ()))]
+    wrt = [*sde.parameters(), *(cost.parameters() if kind == "cost" else ())]
     results = {}
     for adjoint in (solvers.DirectAdjoint(), solvers.DiscreteAdjoint()):
         x0 = _x0()
@@ -375,6 +372,22 @@ def test_no_reference_cycle_keeps_the_trajectory_alive(backward):
         gc.enable()
     gc.collect()
     assert alive == 0, f"{alive} stored tensors outlive the solution"
+
+
+def test_the_trajectory_is_stored_in_two_allocations():
+    """States and increments go into two buffers allocated before the loop: 2N small tensors allocated one per
+    step between the networks' large temporaries fragment the C heap, and peak memory grows with N."""
+    sde, cost = _models("general")
+    x0 = _x0()
+
+    def run():
+        return solvers.sdesolve(sde, x0, GRIDS["uniform"], adjoint=solvers.DiscreteAdjoint(), cost=cost,
+                                generator=torch.Generator().manual_seed(0))
+
+    refs, sol = _stored_tensor_refs(run)
+    stored = [r() for r in refs if r() is not None and r() is not x0 and r().dim() == 2]  # not xs, cost
+    assert len(stored) >= 2 * STEPS + 1
+    assert len({t.untyped_storage().data_ptr() for t in stored}) == 2
 
 
 # ------------------------------------------------------------------------------------------------ memory
