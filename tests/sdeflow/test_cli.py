@@ -6,21 +6,12 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from sdeflow.cli import OUTPUTS, main
 
 TINY = ["--iterations", "2", "--batch", "64", "--steps", "4", "--width", "16", "--depth", "2",
         "--eval-size", "100", "--eval-every", "1", "--checkpoint-every", "1", "--quiet", "--threads", "1"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks: two OpenMP threads only spin-wait on a shared machine (~50x slower), so use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,6 @@ S0 = 1.0 - G * G * T
 V_T0 = S0 + G * G * T0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks: two OpenMP threads only spin-wait on a shared machine (~50x slower), so use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class ZeroDrift(nn.Module):
     def forward(self, x, t):

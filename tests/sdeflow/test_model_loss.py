@@ -32,15 +32,6 @@ from sdeflow.sample import sample, sample_trajectory
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one intra-op thread is as fast, and on a loaded machine it avoids OpenMP
-    threads waiting for each other at every op (seen here: 10 s instead of 0.05 s per adjoint test)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class LinearField(nn.Module):
     """``(x, t) -> c(t) x``: a linear drift or score with a python coefficient ``c(t)``."""

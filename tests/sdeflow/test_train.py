@@ -14,14 +14,6 @@ TINY = dict(width=16, depth=2, batch_size=64, steps=5, train_size=512, eval_size
             checkpoint_every=0, iterations=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks: two OpenMP threads only spin-wait on a shared machine (~50x slower), so use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny(**overrides) -> TrainConfig:
     return TrainConfig(**{**TINY, **overrides})

@@ -17,14 +17,6 @@ T = 1.0
 LEVELS = range(3, 9)  # nested grids of 8 .. 256 steps on one Brownian path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These solves are thousands of tiny ops: extra intra-op threads only add contention on small machines.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # SDEs with closed-form solutions.
