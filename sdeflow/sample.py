@@ -67,10 +67,7 @@ def sample_trajectory(
 ) -> Samples:
     """Backward-SDE samples on ``grid`` (increasing; walked from ``T`` down), keeping the nodes in ``save``
     (default: the final samples only; ``SaveAt(t0=True, steps=True)`` keeps the whole path)."""
-    if isinstance(grid, solvers.StratifiedGrid):  # a distribution over grids has no nodes of its own
-        raise TypeError("a StratifiedGrid is a distribution over grids: pass grid.sample(generator)")
-    if not grid.increasing:
-        raise ValueError("pass the increasing grid; sampling walks it from T down to t_0 itself")
+    _check_sampling_grid(grid)
     save = solvers.SaveAt() if save is None else save
     nodes = grid.nodes()
     x_T = prior_sample(n, shape, generator=generator, dtype=dtype, device=device)
@@ -78,20 +75,20 @@ def sample_trajectory(
         stochastic = nodes[1:] if denoise else nodes
         steps = len(stochastic) - 1
         keep = save.indices(steps + (1 if denoise else 0))
+        # backward-node index -> (time, state); the whole path is kept only when an inner node is asked for
         if steps >= 1:
+            inner = any(i < steps for i in keep)
+            sub_save = solvers.SaveAt(t0=True, steps=True) if inner else solvers.SaveAt()
             sub = solvers.ExplicitGrid(stochastic).reversed()
-            sub_save = solvers.SaveAt(t0=True, steps=True)
             path = solvers.sdesolve(model.backward_sde(), x_T, sub, generator=generator, save=sub_save)
-            xs, ts = list(path.xs.unbind(0)), list(path.ts.unbind(0))
+            at = dict(zip(sub_save.indices(steps), zip(path.ts.unbind(0), path.xs.unbind(0), strict=True), strict=True))
         else:
-            xs, ts = [x_T], [torch.tensor(nodes[1], dtype=dtype, device=device)]
+            at = {0: (torch.tensor(nodes[1], dtype=dtype, device=device), x_T)}
         if denoise:
-            t1 = ts[-1]
-            t0 = torch.tensor(nodes[0], dtype=dtype, device=device)
-            drift = model.backward_sde().drift(t1, xs[-1])
-            xs.append(xs[-1] - drift * float(nodes[1] - nodes[0]))
-            ts.append(t0)
-    return Samples(torch.stack([ts[i] for i in keep]), torch.stack([xs[i] for i in keep]))
+            t1, x1 = at[steps]
+            x0 = x1 - model.backward_sde().drift(t1, x1) * float(nodes[1] - nodes[0])
+            at[steps + 1] = (torch.tensor(nodes[0], dtype=dtype, device=device), x0)
+    return Samples(torch.stack([at[i][0] for i in keep]), torch.stack([at[i][1] for i in keep]))
 
 
 def sample(
@@ -133,9 +130,15 @@ def sample_ode(
         ...            generator=torch.Generator().manual_seed(0)).shape
         torch.Size([10, 2])
     """
-    if not grid.increasing:
-        raise ValueError("pass the increasing grid; sampling walks it from T down to t_0 itself")
+    _check_sampling_grid(grid)
     x_T = prior_sample(n, shape, generator=generator, dtype=dtype, device=device)
     solver = solvers.RK4() if solver is None else solver
     with torch.no_grad():
         return solvers.odesolve(model.probability_flow(), x_T, grid.reversed(), solver=solver).xs[-1]
+
+
+def _check_sampling_grid(grid: solvers.Grid) -> None:
+    if isinstance(grid, solvers.StratifiedGrid):  # a distribution over grids has no nodes of its own
+        raise TypeError("a StratifiedGrid is a distribution over grids: pass grid.sample(generator)")
+    if not grid.increasing:
+        raise ValueError("pass the increasing grid; sampling walks it from T down to t_0 itself")

@@ -75,14 +75,14 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torchsde
-from torch import Tensor, nn
+from torch import Tensor
 from torchsde._core import adaptive_stepping
 from torchsde._core import methods as _methods
 from torchsde._core.adjoint_sde import AdjointSDE
 from torchsde._core.base_sde import ForwardSDE
 from torchsde._core.base_solver import BaseSDESolver
 
-from .adjoint import Adjoint
+from .adjoint import Adjoint, trainable_parameters
 from .brownian import BrownianPath
 from .euler import EulerMaruyama, Problem, SDESolver, Trajectory
 from .sde import SDE, NoiseType, SDEType, TimeReversedSDE, check_diffusion_shape
@@ -466,7 +466,7 @@ class BacksolveAdjoint(Adjoint):
         forward.check(problem)
         method, options = self._backward_method(problem)
         run = _Run(forward, problem)
-        params = _parameters(problem.sde)
+        params = trainable_parameters(problem.sde)
         job = _BacksolveJob(run, forward.adaptive, self.adaptive, method, options, params)
         ys = _AdjointFunction.apply(job, run.y0(), *params)
         return _solution(problem, ys, job.stats)
@@ -504,7 +504,7 @@ class ReversibleAdjoint(Adjoint):
             )
         solver.check(problem)
         run = _Run(solver, problem)
-        params = _parameters(problem.sde)
+        params = trainable_parameters(problem.sde)
         y0 = run.y0()
         # (f_0, g_0, z_0 = x_0) are computed outside the autograd function, with their graph: the backward
         # pass returns their adjoints, which autograd then carries into x_0 and the parameters.
@@ -531,17 +531,9 @@ def _method_options(solver: TorchsdeSolver) -> dict[str, Any]:
     return {_GRAD_FREE: solver.grad_free} if isinstance(solver, Milstein) else {}
 
 
-def _parameters(module: nn.Module) -> list[Tensor]:
-    seen: dict[int, Tensor] = {}
-    for p in module.parameters():
-        if p.requires_grad:
-            seen.setdefault(id(p), p)
-    return list(seen.values())
-
-
 def _solution(problem: Problem, ys: Tensor, stats: SolveStats) -> Solution:
     xs = ys.reshape(ys.shape[0], *problem.x0.shape)
-    return Solution(ts=problem.times()[list(problem.save)], xs=xs, cost=None, stats=stats)
+    return Solution(ts=problem.saved_times(), xs=xs, cost=None, stats=stats)
 
 
 def _check_path(problem: Problem, name: str, needs_levy_area: bool) -> None:

@@ -45,8 +45,7 @@ class Adjoint:
 
 
 def _solution(problem: Problem, saved: list[Tensor], cost: Tensor | None, stats: Any) -> Solution:
-    ts = problem.times()[list(problem.save)]
-    return Solution(ts=ts, xs=torch.stack(saved, 0), cost=cost, stats=stats)
+    return Solution(ts=problem.saved_times(), xs=torch.stack(saved, 0), cost=cost, stats=stats)
 
 
 class DirectAdjoint(Adjoint):
@@ -81,15 +80,16 @@ class DiscreteAdjoint(Adjoint):
                 f"DiscreteAdjoint is the exact adjoint of EulerMaruyama; got {type(solver).__name__} "
                 f"(use DirectAdjoint, or BacksolveAdjoint for torchsde solvers)"
             )
-        params = _parameters(problem.sde, problem.cost)
+        params = trainable_parameters(problem.sde, problem.cost)
         box: dict[str, Any] = {}
         outputs = _DiscreteAdjointFunction.apply(solver, problem, box, problem.x0, *params)
         xs, cost = outputs[0], outputs[1]
-        return Solution(ts=problem.times()[list(problem.save)], xs=xs,
+        return Solution(ts=problem.saved_times(), xs=xs,
                         cost=cost if problem.cost is not None else None, stats=box["stats"])
 
 
-def _parameters(*modules: nn.Module | None) -> list[Tensor]:
+def trainable_parameters(*modules: nn.Module | None) -> list[Tensor]:
+    """The parameters of ``modules`` that require grad, each once (modules may share submodules)."""
     seen: dict[int, Tensor] = {}
     for module in modules:
         if isinstance(module, nn.Module):

@@ -64,6 +64,10 @@ class Problem:
     def noise_type(self) -> NoiseType:
         return NoiseType(self.sde.noise_type)
 
+    def saved_times(self) -> Tensor:
+        """Times of the saved nodes, shape ``(S,)``: ``Solution.ts``."""
+        return self.times()[list(self.save)]
+
     def times(self) -> Tensor:
         # a copy: as_tensor would alias ExplicitGrid's read-only nodes, and the drift receives views of these
         return torch.tensor(self.nodes, dtype=self.x0.dtype, device=self.x0.device)
