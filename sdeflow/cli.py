@@ -3,6 +3,8 @@
 Examples::
 
     sdeflow train --data olympic_rings --out runs/rings --preset quick
+    sdeflow train --data checkerboard --out runs/board-ddpm --model ddpm
+    torchrun --nproc_per_node 2 -m sdeflow train --data olympic_rings --out runs/rings2
     sdeflow train --data olympic_rings --out runs/rings --resume --iterations 3000
     sdeflow sample runs/rings --n 10000 --out rings.npy
     sdeflow evaluate runs/rings --n 2000
@@ -10,12 +12,17 @@ Examples::
 ``train`` writes ``DIR/checkpoint.pt`` (everything needed to resume), ``DIR/metrics.json``,
 ``DIR/samples.png`` and ``DIR/trajectories.png``. Usage errors (bad arguments, unknown dataset, missing
 checkpoint, refusing to overwrite) print one line and exit with status 2; a diverged training exits with 1.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) ``train`` joins the process group (gloo on the
+CPU, NCCL with ``--device cuda``) and trains data-parallel; rank 0 alone writes and prints.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -28,6 +35,7 @@ import torch
 import solvers
 
 from .data import dataset_names, load_points, make_dataset
+from .families import family_names
 from .train import (
     DIM,
     DataSplit,
@@ -83,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", choices=("paper", "quick"), default=None,
                    help="quick: a run of a few minutes on a 2-core CPU (default); paper: the published 2D "
                         "setting (batch 5000, N = 30, 3000 iterations: hours on a CPU)")
+    t.add_argument("--model", choices=family_names(), default=None,
+                   help="the model family (default diffflow): diffflow, ddpm (VP score SDE, denoising score "
+                        "matching) or ffjord (continuous normalizing flow, maximum likelihood)")
     t.add_argument("--iterations", type=_positive, help="total iterations (with --resume: the new total)")
     t.add_argument("--batch", type=_positive, help="batch size")
     t.add_argument("--steps", type=_positive, help="fixed number of grid steps N (replaces the preset's "
@@ -94,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=_non_negative, help="held-out bound NLL every K iterations (0: off)")
     t.add_argument("--checkpoint-every", type=_non_negative, help="checkpoint every K iterations (0: only "
                                                                   "at the end)")
+    t.add_argument("--accumulate", type=_positive,
+                   help="micro-batches per process and iteration (the batch is split evenly; same result)")
+    t.add_argument("--precision", choices=("fp32", "bf16"), help="bf16: autocast the networks (GPU)")
+    t.add_argument("--device", default=None,
+                   help="cpu (default) or cuda; under torchrun with cuda each process takes cuda:LOCAL_RANK")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--force", action="store_true", help="overwrite the outputs in an existing OUT")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -131,12 +147,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if args.threads is None else args.threads)
     try:
-        return command(args)
+        with _process_group(args):
+            return command(args)
     except UsageError as err:
         print(f"sdeflow {args.command}: error: {err}", file=sys.stderr)
         return 2
     finally:  # main() may run inside a bigger program (tests): leave the setting as it was
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _process_group(args: argparse.Namespace) -> Any:
+    """Join torchrun's process group for ``train`` (``WORLD_SIZE`` > 1), and leave it afterwards."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.command != "train" or world <= 1:
+        yield
+        return
+    if args.command == "train" and (args.device or "cpu").startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    torch.distributed.init_process_group(backend)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _is_main() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 # -- train --------------------------------------------------------------------------------------------
@@ -156,7 +198,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides: dict[str, Any] = {}
     for flag, name in (("iterations", "iterations"), ("batch", "batch_size"), ("width", "width"),
                        ("depth", "depth"), ("eval_size", "eval_size"), ("seed", "seed"),
-                       ("eval_every", "eval_every"), ("checkpoint_every", "checkpoint_every")):
+                       ("eval_every", "eval_every"), ("checkpoint_every", "checkpoint_every"),
+                       ("model", "model"), ("accumulate", "accumulate"), ("precision", "precision")):
         if getattr(args, flag) is not None:
             overrides[name] = getattr(args, flag)
     if args.steps is not None:
@@ -172,18 +215,19 @@ def _resumed_trainer(args: argparse.Namespace) -> Trainer:
     path = args.out / "checkpoint.pt"
     if args.force:
         raise UsageError("--resume continues a run and --force starts one over: choose one")
-    frozen = ("preset", "batch", "steps", "width", "depth", "eval_size", "seed")
+    frozen = ("preset", "batch", "steps", "width", "depth", "eval_size", "seed", "model", "accumulate")
     fixed = [f"--{name.replace('_', '-')}" for name in frozen if getattr(args, name) is not None]
     if fixed:
         raise UsageError(f"{', '.join(fixed)} cannot change when resuming (the run keeps its configuration)")
     try:
-        trainer = Trainer.from_checkpoint(path)
+        trainer = Trainer.from_checkpoint(path, device=args.device or "cpu")
     except ValueError as err:
         raise UsageError(str(err)) from None
     if args.data is not None and args.data != trainer.data:
         raise UsageError(f"--data {args.data} differs from the checkpoint's dataset {trainer.data}")
     overrides = {name: getattr(args, flag) for flag, name in (("iterations", "iterations"),
-                 ("eval_every", "eval_every"), ("checkpoint_every", "checkpoint_every"))
+                 ("eval_every", "eval_every"), ("checkpoint_every", "checkpoint_every"),
+                 ("precision", "precision"))
                  if getattr(args, flag) is not None}
     if overrides:
         trainer.config = TrainConfig.from_dict({**trainer.config.to_dict(), **overrides})
@@ -204,16 +248,17 @@ def _train(args: argparse.Namespace) -> int:
     else:
         if args.data is None:
             raise UsageError("--data is required (unless --resume)")
-        if out.is_dir() and any(out.iterdir()) and not args.force:
+        if out.is_dir() and any(out.iterdir()) and not args.force and _is_main():
             raise UsageError(f"{out} is not empty; pass --force to overwrite its outputs or --resume to "
                              f"continue its checkpoint")
         _check_data(args.data)
         config = _config_from_args(args)
         try:
-            trainer = Trainer(config, args.data)
+            trainer = Trainer(config, args.data, device=args.device or "cpu")
         except ValueError as err:  # a malformed file: load_points names the problem
             raise UsageError(str(err)) from None
-    out.mkdir(parents=True, exist_ok=True)
+    if _is_main():
+        out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint.pt"
     try:
         trainer.train(checkpoint=checkpoint, progress=not args.quiet)
@@ -224,6 +269,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"\nsdeflow train: interrupted; continue from the last checkpoint with: "
               f"sdeflow train --out {out} --resume", file=sys.stderr)
         return 130
+    if not _is_main():
+        return 0
 
     cfg, split = trainer.config, trainer.split
     start = time.perf_counter()
@@ -241,20 +288,25 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _plots(trainer: Trainer, samples: torch.Tensor, out: Path) -> None:
-    from .plots import plot_samples, plot_trajectories
+    from .plots import plot_paths, plot_samples
 
-    split, cfg = trainer.split, trainer.config
+    split, cfg, family = trainer.split, trainer.config, trainer.family
     plot_samples(samples, split.heldout, out / "samples.png",
-                 title=f"{trainer.data}: {trainer.iteration} iterations, N = {cfg.final_steps}")
+                 title=f"{trainer.data} ({cfg.model}): {trainer.iteration} iterations, N = {cfg.final_steps}")
     keep = min(len(split.heldout), 2000)  # enough points to see the modes, few enough to see through
-    plot_trajectories(trainer.ema, trainer.scaler.transform(split.heldout[:keep]).to(torch.float32),
-                      split.heldout_labels[:keep], cfg.grid(), out / "trajectories.png",
-                      generator=torch.Generator().manual_seed(cfg.seed))
+    x = trainer.scaler.transform(split.heldout[:keep]).to(trainer.device, torch.float32)
+    g = torch.Generator(device=trainer.device).manual_seed(cfg.seed)
+    forward = family.forward_trajectory(trainer.ema, x, cfg.final_steps, g)
+    backward = family.sample_trajectory(trainer.ema, keep, (DIM,), cfg.final_steps, g)
+    plot_paths(forward, backward, split.heldout_labels[:keep], out / "trajectories.png",
+               title=f"{cfg.model}: forward data → noise (colour: mode) · backward noise → data (colour: "
+                     f"mode of the nearest data point at the end)")
 
 
 def _print_metrics(m: dict[str, Any]) -> None:
-    print(f"bound NLL {m['bound_nll']:.4f} nats (data coordinates {m['bound_nll_data']:.4f}); "
-          f"ODE NLL {m['ode_nll']:.4f} nats (data coordinates {m['ode_nll_data']:.4f})")
+    bound = "no bound" if m["bound_nll"] is None else \
+        f"bound NLL {m['bound_nll']:.4f} nats (data coordinates {m['bound_nll_data']:.4f})"
+    print(f"{bound}; ODE NLL {m['ode_nll']:.4f} nats (data coordinates {m['ode_nll_data']:.4f})")
     print(f"MMD^2 {m['mmd2']:.5f} (floor {m['mmd2_floor']:.5f}, bandwidth {m['mmd_bandwidth']:.3g}); "
           f"histogram KL {m['hist_kl']:.4f} nats (floor {m['hist_kl_floor']:.4f}); "
           f"{m['samples']} samples vs {m['heldout_points']} held-out points")
@@ -282,22 +334,14 @@ def _sample(args: argparse.Namespace) -> int:
     trainer = _load(args.dir)
     cfg, model = trainer.config, trainer.ema
     g = torch.Generator().manual_seed(args.seed)
+    steps, solver = (args.steps or cfg.final_steps), None
+    if args.ode and args.steps is None:  # adaptive: one grid step, the solver picks its own inside
+        steps, solver = 1, solvers.Dopri5(rtol=1e-5, atol=1e-5)
     with torch.no_grad():
-        if args.ode:
-            from .sample import sample_ode
-
-            if args.steps is None:
-                grid, solver = solvers.UniformGrid(cfg.t0, cfg.T, 1), solvers.Dopri5(rtol=1e-5, atol=1e-5)
-            else:
-                grid, solver = cfg.grid(args.steps), solvers.RK4()
-            y = sample_ode(model, args.n, (DIM,), grid, generator=g, solver=solver)
-        else:
-            from .sample import sample
-
-            y = sample(model, args.n, (DIM,), cfg.grid(args.steps), generator=g)
+        y = trainer.family.sample(model, args.n, (DIM,), steps, g, ode=args.ode, solver=solver)
     points = trainer.scaler.inverse(y.to(torch.float64)).to(torch.float32).numpy()
     atomic_write(out, lambda f: np.save(f, points))
-    how = "probability-flow ODE" if args.ode else "backward SDE"
+    how = "ODE" if args.ode else "SDE"
     print(f"wrote {args.n} samples ({how}) to {out}")
     return 0
 

@@ -24,9 +24,9 @@ from torch import Tensor
 import solvers
 
 from .model import DiffFlow
-from .sample import sample_trajectory
+from .sample import Samples, sample_trajectory
 
-__all__ = ["plot_samples", "plot_trajectories"]
+__all__ = ["plot_samples", "plot_trajectories", "plot_paths", "plot_comparison"]
 
 _SNAPSHOTS = 6
 _POINT = dict(s=2.0, alpha=0.6, linewidths=0, rasterized=True)
@@ -87,46 +87,91 @@ def plot_samples(samples: Tensor | np.ndarray, data: Tensor | np.ndarray, path: 
 @torch.no_grad()
 def plot_trajectories(model: DiffFlow, data: Tensor, labels: Tensor, grid: solvers.Grid, path: str | Path,
                       *, generator: torch.Generator | None = None) -> None:
-    """The forward (data → noise) and backward (noise → data) processes at 6 times along ``grid``.
+    """A DiffFlow's forward (data → noise) and backward (noise → data) SDEs on ``grid`` (see :func:`plot_paths`).
 
-    Top row: ``data`` ``(n, 2)`` (model coordinates) pushed through the forward SDE, coloured by mode
-    ``labels`` ``(n,)``, as in the paper's figure 1. Bottom row: ``n`` backward-SDE samples from the prior,
-    coloured by the label of the nearest data point to where each one ends. Snapshots are at grid nodes
-    ``round(k N / 5)``, ``k = 0..5``; all panels share one square frame. ``generator`` drives both
+    ``data`` ``(n, 2)`` in model coordinates, ``labels`` ``(n,)`` their modes; ``generator`` drives both
     processes' noise (default: seed 0).
     """
     g = torch.Generator().manual_seed(0) if generator is None else generator
     x0 = data.to(torch.float32)
-    labels_np = labels.detach().cpu().numpy()
     save = solvers.SaveAt(t0=True, steps=True)
     forward = solvers.sdesolve(model.forward_sde(), x0, grid, generator=g, save=save)
     backward = sample_trajectory(model, len(x0), (x0.shape[1],), grid, generator=g, save=save)
-    ends = backward.xs[-1]
-    nearest = torch.cdist(ends, x0).argmin(dim=1).cpu().numpy()
-    back_labels = labels_np[nearest]
+    plot_paths(Samples(forward.ts, forward.xs), backward, labels, path)
 
-    nodes = np.round(np.linspace(0, grid.steps, _SNAPSHOTS)).astype(int)
-    both = torch.cat([forward.xs[nodes].reshape(-1, 2), backward.xs[nodes].reshape(-1, 2)]).cpu().numpy()
-    finite = both[np.isfinite(both).all(axis=1)]
-    # frame: everything at the snapshots, but no tighter than the prior's +-3 (quantiles drop outliers)
-    lo = np.minimum(np.quantile(finite, 0.001, axis=0), -3.0)
-    hi = np.maximum(np.quantile(finite, 0.999, axis=0), 3.0)
-    limits = _limits(np.stack([lo, hi]), margin=0.05)
+
+def plot_paths(forward: Samples, backward: Samples, labels: Tensor, path: str | Path, *,
+               title: str = "forward: data → noise (colour: mode)    ·    backward: noise → data "
+                            "(colour: mode of the nearest data point at the end)") -> None:
+    """Snapshots of a forward and a backward process at 6 times.
+
+    Top row: ``forward.xs`` ``(S, n, 2)`` (increasing ``forward.ts``), coloured by mode ``labels`` ``(n,)``,
+    as in the paper's figure 1. Bottom row: ``backward.xs`` ``(S, n, 2)`` (decreasing ``backward.ts``),
+    coloured by the label of the forward start point nearest to where each one ends. Snapshots are at nodes
+    ``round(k (S - 1) / 5)``, ``k = 0..5``; all panels share one square frame.
+    """
+    labels_np = labels.detach().cpu().numpy()
+    x0 = forward.xs[0]
+    ends = backward.xs[-1]
+    nearest = torch.cdist(ends.float(), x0.float()).argmin(dim=1).cpu().numpy()
+    back_labels = labels_np[nearest]
+    steps = len(forward.ts) - 1
+    nodes = np.round(np.linspace(0, steps, _SNAPSHOTS)).astype(int)
+    back_nodes = np.round(np.linspace(0, len(backward.ts) - 1, _SNAPSHOTS)).astype(int)
+    both = torch.cat([forward.xs[nodes].reshape(-1, 2), backward.xs[back_nodes].reshape(-1, 2)]).cpu().numpy()
+    limits = _frame(both)
 
     fig = _figure(2.2 * _SNAPSHOTS, 4.9)
     axes = fig.subplots(2, _SNAPSHOTS)
-    cmap = "tab10"
     vmax = max(int(labels_np.max()), 9) if len(labels_np) else 9
     for col, i in enumerate(nodes):
         xf = forward.xs[i].cpu().numpy()
-        axes[0, col].scatter(xf[:, 0], xf[:, 1], c=labels_np, cmap=cmap, vmin=0, vmax=vmax, **_POINT)
+        axes[0, col].scatter(xf[:, 0], xf[:, 1], c=labels_np, cmap="tab10", vmin=0, vmax=vmax, **_POINT)
         _style(axes[0, col], limits, f"forward  t = {float(forward.ts[i]):.4f}")
-        # backward.xs runs from T down to t0: take the same times mirrored
-        j = grid.steps - i
+    for col, j in enumerate(back_nodes):
+        # backward runs from T down to t0: put it under the forward snapshot of the same time
         xb = backward.xs[j].cpu().numpy()
-        axes[1, _SNAPSHOTS - 1 - col].scatter(xb[:, 0], xb[:, 1], c=back_labels, cmap=cmap, vmin=0,
-                                              vmax=vmax, **_POINT)
-        _style(axes[1, _SNAPSHOTS - 1 - col], limits, f"backward  t = {float(backward.ts[j]):.4f}")
-    fig.suptitle("forward SDE: data → noise (colour: mode)    ·    backward SDE: noise → data "
-                 "(colour: mode of the nearest data point at the end)", fontsize=10)
+        ax = axes[1, _SNAPSHOTS - 1 - col]
+        ax.scatter(xb[:, 0], xb[:, 1], c=back_labels, cmap="tab10", vmin=0, vmax=vmax, **_POINT)
+        _style(ax, limits, f"backward  t = {float(backward.ts[j]):.4f}")
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path)
+
+
+def _frame(points: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Square limits holding ``points`` (quantiles drop outliers), no tighter than the prior's ±3."""
+    finite = points[np.isfinite(points).all(axis=1)]
+    lo = np.minimum(np.quantile(finite, 0.001, axis=0), -3.0)
+    hi = np.maximum(np.quantile(finite, 0.999, axis=0), 3.0)
+    return _limits(np.stack([lo, hi]), margin=0.05)
+
+
+def plot_comparison(rows: list[tuple[str, Samples, Tensor]], labels: Tensor, data: Tensor, path: str | Path,
+                    *, title: str = "") -> None:
+    """The paper's comparison figure: one row per model, its forward path from data to noise at 6 times
+    (coloured by mode ``labels``), then its samples beside the data.
+
+    ``rows``: ``(name, forward, samples)`` with ``forward.xs`` ``(S, n, 2)`` starting at the data points
+    (model coordinates) and ``samples`` ``(m, 2)``; ``data`` ``(k, 2)`` in the samples' coordinates.
+    """
+    fig = _figure(2.2 * (_SNAPSHOTS + 1), 2.3 * len(rows) + 0.4)
+    axes = np.atleast_2d(fig.subplots(len(rows), _SNAPSHOTS + 1))
+    labels_np = labels.detach().cpu().numpy()
+    vmax = max(int(labels_np.max()), 9) if len(labels_np) else 9
+    data_np = _numpy(data)
+    data_limits = _limits(data_np)
+    for r, (name, forward, samples) in enumerate(rows):
+        nodes = np.round(np.linspace(0, len(forward.ts) - 1, _SNAPSHOTS)).astype(int)
+        limits = _frame(forward.xs[nodes].reshape(-1, 2).cpu().numpy())
+        for col, i in enumerate(nodes):
+            xf = forward.xs[i].cpu().numpy()
+            axes[r, col].scatter(xf[:, 0], xf[:, 1], c=labels_np, cmap="tab10", vmin=0, vmax=vmax, **_POINT)
+            _style(axes[r, col], limits, f"{name}  t = {float(forward.ts[i]):.3g}")
+        y = _numpy(samples)
+        ax = axes[r, _SNAPSHOTS]
+        ax.scatter(data_np[:, 0], data_np[:, 1], color="0.8", **_POINT)
+        ax.scatter(y[:, 0], y[:, 1], color="tab:orange", **_POINT)
+        _style(ax, data_limits, f"{name} samples (grey: data)")
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.savefig(path)

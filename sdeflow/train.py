@@ -1,16 +1,20 @@
-"""Training DiffFlow on 2D data: configuration, a resumable trainer, and the final evaluation.
+"""Training the model families of :mod:`sdeflow.families`: configuration, a resumable trainer, evaluation.
 
-One iteration: draw a batch of training points (model coordinates, see :class:`sdeflow.data.Scaler`), draw
-a random grid with the current number of steps ``N`` (stratified around the power grid, method note §5),
-evaluate the path-KL loss with the discrete adjoint, clip the gradient norm, take an Adam step (drift and
-score are separate parameter groups), step the learning-rate schedule, update the EMA copy.
+One iteration: draw the global batch's indices, split them into shards (``world_size * accumulate``: one
+per process and micro-batch), and for each of this process's shards draw its data in model coordinates
+and evaluate the family's loss (DiffFlow: the path KL on a random grid with the current ``N``); backward,
+average the gradients over all shards (DistributedDataParallel across processes, accumulation within one),
+clip the gradient norm, take an Adam step, step the learning-rate schedule, update the EMA copy.
 
-Reproducibility: every random draw of training (data split, batches, grids, noise) comes from the
-trainer's own ``torch.Generator``; the global RNG is only used, forked, to initialise the networks. A
-checkpoint holds everything that changes (weights, EMA, Adam moments, schedule, generator state, counter,
-history), so training ``k`` iterations, saving, loading and training ``k`` more gives parameters
-bit-identical to ``2k`` uninterrupted iterations. The time grid is not model state (method note §5
-pitfall): it is rebuilt from the config and the iteration every time.
+Reproducibility: every random draw of an iteration comes from generators seeded by counters, not carried
+from iteration to iteration: the batch indices from ``(seed, iteration, attempt, 0)`` and everything of
+shard ``j`` (its random grid, noise, dequantisation and dropout) from ``(seed, iteration, attempt, 1 + j)``.
+Hence the result does not depend on how the shards are spread over processes (one process with
+``accumulate=2`` equals two processes with ``accumulate=1``), a NaN retry (``attempt`` > 0) gets fresh
+noise, and resuming needs no generator state. A checkpoint holds everything that changes (weights, EMA,
+Adam moments, schedule, counter, history), so training ``k`` iterations, saving, loading and training
+``k`` more gives parameters bit-identical to ``2k`` uninterrupted iterations. The time grid is not model
+state (method note §5 pitfall): it is rebuilt from the config and the iteration every time.
 
 Example:
     >>> import tempfile, pathlib
@@ -33,27 +37,27 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 import solvers
 
 from .data import Scaler, dataset_names, load_points, make_dataset
-from .likelihood import bound_nll, ode_nll, scaler_log_det
-from .loss import path_kl
+from .families import DiffFlowFamily, ModelFamily, make_family
+from .likelihood import scaler_log_det
 from .metrics import sample_quality
-from .model import DiffFlow
 from .nets import TimeMLP
-from .sample import sample
 
 __all__ = [
     "TrainConfig",
     "DataSplit",
+    "stream_generator",
     "Trainer",
     "build_model",
     "load_split",
@@ -62,7 +66,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
 ]
 
-CHECKPOINT_FORMAT = "sdeflow-trainer/1"
+CHECKPOINT_FORMAT = "sdeflow-trainer/2"
 DIM = 2  # the trainer is for 2D point data (sdeflow.data)
 
 
@@ -70,7 +74,10 @@ DIM = 2  # the trainer is for 2D point data (sdeflow.data)
 class TrainConfig:
     """Every setting of a training run; the defaults are the published 2D setting (method note §7).
 
-    Model: ``diffusion`` (g), ``width``/``depth`` of both :class:`TimeMLP` networks.
+    Model: ``model``, the family (``diffflow``, ``ddpm``, ``ffjord``: :mod:`sdeflow.families`);
+    ``width``/``depth`` of every :class:`TimeMLP` field. DiffFlow only: ``diffusion`` (g), the grid
+    settings ``t0``, ``T``, ``grid_exponent``, ``random_grid`` and ``antithetic`` (the other families have
+    their own time intervals).
     Time grid: power grid on ``[t0, T]`` with ``grid_exponent``, ``steps`` (N) steps, redrawn at random
     (stratified) for every batch when ``random_grid``. ``steps_schedule``: progressive N as
     ``((iteration, N), ...)``; from each listed iteration on, N is that value (before the first entry and
@@ -84,12 +91,16 @@ class TrainConfig:
     ``min(ema_decay, (1 + k) / (10 + k))`` after ``k`` updates, so short runs do not keep the random init).
     Data: ``train_size`` training points; two independent held-out sets of ``eval_size`` points (one to
     score against, one for the metrics' noise floor).
+    Scale: ``batch_size`` is the global batch, split evenly into ``world_size * accumulate`` shards (one
+    per process and micro-batch; see the module docstring); ``precision`` ``"bf16"`` runs the fields under
+    ``torch.autocast`` in bfloat16 (no loss scaling needed; the solver state stays float32).
     Bookkeeping: bound-NLL evaluation every ``eval_every`` and a checkpoint every ``checkpoint_every``
     iterations (0: never; :meth:`Trainer.train` still saves at the end), ``seed``, and the NaN policy:
     state snapshots every ``snapshot_every`` iterations, a failed iteration is retried ``max_nan_retries``
     times with fresh noise after rolling back.
     """
 
+    model: str = "diffflow"
     diffusion: float = 0.2
     width: int = 128
     depth: int = 3
@@ -116,13 +127,15 @@ class TrainConfig:
     seed: int = 0
     max_nan_retries: int = 3
     snapshot_every: int = 1
+    accumulate: int = 1
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         # JSON and checkpoints hand lists back: normalise to a tuple of int pairs, then validate
         schedule = tuple((int(i), int(n)) for i, n in self.steps_schedule)
         object.__setattr__(self, "steps_schedule", schedule)
         positive_ints = ("width", "depth", "steps", "batch_size", "lr_decay_every", "iterations",
-                         "train_size", "eval_size", "snapshot_every")
+                         "train_size", "eval_size", "snapshot_every", "accumulate")
         for name in positive_ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -140,6 +153,11 @@ class TrainConfig:
         if not 0 < self.lr_decay <= 1 or not 0 <= self.ema_decay < 1:
             raise ValueError(f"need 0 < lr_decay <= 1 and 0 <= ema_decay < 1, got {self.lr_decay}, "
                              f"{self.ema_decay}")
+        make_family(self.model) if self.model != "diffflow" else None  # raises for unknown names
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"TrainConfig.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.batch_size % self.accumulate:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by accumulate {self.accumulate}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"TrainConfig.grad_clip must be positive or None, got {self.grad_clip}")
         starts = [i for i, _ in schedule]
@@ -177,10 +195,17 @@ class TrainConfig:
         """N at the end of the schedule (the evaluation grid's N)."""
         return self.steps_schedule[-1][1] if self.steps_schedule else self.steps
 
-    def grid(self, steps: int | None = None) -> solvers.PowerGrid:
-        """The fixed power grid on ``[t0, T]`` with ``steps`` steps (default :attr:`final_steps`)."""
-        return solvers.PowerGrid(self.t0, self.T, self.final_steps if steps is None else steps,
-                                 self.grid_exponent)
+    def family(self) -> ModelFamily:
+        """The model family with this config's settings."""
+        if self.model == "diffflow":
+            return DiffFlowFamily(t0=self.t0, T=self.T, diffusion=self.diffusion,
+                                  grid_exponent=self.grid_exponent, random_grid=self.random_grid,
+                                  antithetic=self.antithetic)
+        return make_family(self.model)
+
+    def grid(self, steps: int | None = None) -> solvers.Grid:
+        """The family's fixed evaluation grid with ``steps`` steps (default :attr:`final_steps`)."""
+        return self.family().grid(self.final_steps if steps is None else steps)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python values (the schedule as a list of lists), for JSON and checkpoints."""
@@ -198,12 +223,32 @@ class TrainConfig:
         return cls(**d)
 
 
-def build_model(config: TrainConfig) -> DiffFlow:
-    """A fresh DiffFlow with two ``TimeMLP(2, width, depth)`` nets (time features scaled to ``[0, T]``)."""
-    def net() -> TimeMLP:
-        return TimeMLP(DIM, width=config.width, depth=config.depth, t_scale=1.0 / config.T)
+def build_model(config: TrainConfig, event_shape: tuple[int, ...] = (DIM,)) -> nn.Module:
+    """A fresh model of ``config.family()`` whose fields are ``TimeMLP(dim, width, depth)`` with time features
+    scaled to the family's interval (2D points)."""
+    family = config.family()
+    if len(event_shape) != 1:
+        raise ValueError(f"build_model makes MLP fields for flat points (dim,), got event shape {event_shape}")
 
-    return DiffFlow(net(), net(), diffusion=config.diffusion)
+    def net() -> TimeMLP:
+        return TimeMLP(event_shape[0], width=config.width, depth=config.depth, t_scale=family.t_scale)
+
+    return family.build(net)
+
+
+def stream_generator(seed: int, iteration: int, attempt: int, stream: int,
+                     device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded by the counters ``(seed, iteration, attempt, stream)`` (module docstring).
+
+    The counters are mixed by :class:`numpy.random.SeedSequence`, so nearby counters give unrelated streams.
+
+    Example:
+        >>> a = torch.rand(2, generator=stream_generator(0, 5, 0, 1))
+        >>> torch.equal(a, torch.rand(2, generator=stream_generator(0, 5, 0, 1)))
+        True
+    """
+    words = np.random.SeedSequence([seed, iteration, attempt, stream]).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device=device).manual_seed((int(words[0]) << 31) ^ int(words[1]))
 
 
 @dataclass(frozen=True)
@@ -309,21 +354,81 @@ class History:
     nan_events: list[dict[str, Any]] = field(default_factory=list)
 
 
+class PointData:
+    """2D point data for training: the split, the scaler fitted to its training points, and batches.
+
+    ``event_shape`` ``(2,)``; :meth:`batch` returns training points in model coordinates (float32).
+    """
+
+    event_shape = (DIM,)
+
+    def __init__(self, split: DataSplit, scaler: Scaler | None = None):
+        self.split = split
+        self.scaler = Scaler.fit(split.train) if scaler is None else scaler
+        self.train = self.scaler.transform(split.train).to(torch.float32)
+
+    def __len__(self) -> int:
+        return len(self.train)
+
+    def batch(self, indices: Tensor, generator: torch.Generator, device: torch.device) -> Tensor:
+        """Training points ``indices`` in model coordinates (``generator``: unused, points need no noise)."""
+        return self.train[indices].to(device)
+
+    def heldout(self) -> Tensor:
+        """The held-out set in model coordinates."""
+        return self.scaler.transform(self.split.heldout).to(torch.float32)
+
+
+class _LossModule(nn.Module):
+    """The family's loss as a module's forward, so that DistributedDataParallel sees the forward pass.
+
+    A simulation that raises ``FloatingPointError`` (a NaN state, named by ``sdesolve``) returns a NaN loss
+    that still touches every parameter: every process then backpropagates, the all-reduce completes, and
+    all processes see the same non-finite gradient and roll back together. The message is kept in
+    :attr:`error`.
+    """
+
+    def __init__(self, family: ModelFamily, model: nn.Module):
+        super().__init__()
+        self.family, self.model = family, model
+        self.error = ""
+
+    def forward(self, x: Tensor, steps: int, generator: torch.Generator) -> Tensor:
+        try:
+            return self.family.loss(self.model, x, steps, generator)
+        except FloatingPointError as err:
+            self.error = f"simulation: {err}"
+            return torch.stack([p.sum() for p in self.model.parameters()]).sum() * float("nan")
+
+
+def _distributed() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialised default process group, else ``(0, 1)``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 class Trainer:
-    """Owns a DiffFlow, its EMA copy, Adam, the learning-rate schedule, the data and a generator.
+    """Owns a model of the config's family, its EMA copy, Adam, the learning-rate schedule and the data.
 
     Args:
         config: the run's settings.
         data: a registry name (:func:`sdeflow.data.dataset_names`) or a ``.npy``/``.csv`` path.
-        split: the data, already split (default: :func:`load_split` from ``data`` with the trainer's
-            generator, so the seed fixes the split too).
+        split: the data, already split (default: :func:`load_split` from ``data`` with a generator seeded by
+            ``config.seed``, so the seed fixes the split too).
+        device: where the model lives and the loss is computed (default: the CPU).
+
+    Under ``torchrun`` (an initialised ``torch.distributed`` process group) the model is wrapped in
+    DistributedDataParallel; every process holds the same data split, computes its own shards of the
+    global batch, and only rank 0 writes checkpoints and prints.
 
     Attributes:
-        model, ema: the trained DiffFlow and its exponential moving average (use ``ema`` for sampling).
+        model, ema: the trained model and its exponential moving average (use ``ema`` for sampling).
+        family: the :class:`sdeflow.families.ModelFamily` of ``config.model``.
         scaler: data → model coordinates, fitted to the training points.
-        generator: every random draw of training comes from it.
         iteration: completed iterations.
         history: losses, evaluations, NaN events.
+        rank, world_size: this process's place in the process group.
 
     Example:
         >>> t = Trainer(TrainConfig(width=16, depth=2, batch_size=16, steps=3, train_size=64, eval_size=32),
@@ -333,27 +438,41 @@ class Trainer:
         (1, True)
     """
 
-    def __init__(self, config: TrainConfig, data: str, *, split: DataSplit | None = None):
+    def __init__(self, config: TrainConfig, data: str, *, split: DataSplit | None = None,
+                 device: torch.device | str = "cpu"):
         self.config = config
         self.data = str(data)
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.split = load_split(self.data, config.train_size, config.eval_size, self.generator) \
-            if split is None else split
-        self.scaler = Scaler.fit(self.split.train)
-        self.train_x = self.scaler.transform(self.split.train).to(torch.float32)
+        self.device = torch.device(device)
+        self.rank, self.world_size = _distributed()
+        shards = self.world_size * config.accumulate
+        if config.batch_size % shards:
+            raise ValueError(f"batch_size {config.batch_size} does not split into {self.world_size} processes "
+                             f"x {config.accumulate} micro-batches")
+        if split is None:
+            split = load_split(self.data, config.train_size, config.eval_size,
+                               torch.Generator().manual_seed(config.seed))
+        self.train_data = PointData(split)
+        self.family = config.family()
         # the networks' init draws from the global RNG: fork it so the seed fixes the init and the caller's
         # global stream is left alone
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            self.model = build_model(config)
+            self.model = build_model(config, self.train_data.event_shape).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.ema_updates = 0
-        self.optimizer = torch.optim.Adam([
-            {"params": list(self.model.drift.parameters()), "lr": config.drift_lr, "name": "drift"},
-            {"params": list(self.model.score.parameters()), "lr": config.score_lr, "name": "score"},
-        ])
+        lrs = {"drift": config.drift_lr, "score": config.score_lr}
+        groups = self.family.param_groups(self.model, config.drift_lr)
+        for group in groups:
+            group["lr"] = lrs.get(group["name"], group["lr"])
+        self.optimizer = torch.optim.Adam(groups)
         self.scheduler = torch.optim.lr_scheduler.StepLR(
             self.optimizer, step_size=config.lr_decay_every, gamma=config.lr_decay)
+        self._loss_module = _LossModule(self.family, self.model)
+        self._ddp: nn.parallel.DistributedDataParallel | None = None
+        if self.world_size > 1:
+            ids = [self.device] if self.device.type == "cuda" else None
+            self._ddp = nn.parallel.DistributedDataParallel(self._loss_module, device_ids=ids,
+                                                            broadcast_buffers=False)
         self.iteration = 0
         self.train_time = 0.0
         self.history = History()
@@ -361,31 +480,63 @@ class Trainer:
         self._failed_at = -1  # the furthest iteration that failed; success past it resets the count
         self._snapshot = self._take_snapshot()
 
+    @property
+    def split(self) -> DataSplit:
+        return self.train_data.split
+
+    @property
+    def scaler(self) -> Scaler:
+        return self.train_data.scaler
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes files and prints (rank 0)."""
+        return self.rank == 0
+
     # -- one iteration ------------------------------------------------------------------------------
 
-    def _grid(self, steps: int) -> solvers.Grid:
-        grid = self.config.grid(steps)
-        return grid.stratified().sample(self.generator) if self.config.random_grid else grid
+    def _generator(self, stream: int, attempt: int, device: torch.device | str = "cpu") -> torch.Generator:
+        return stream_generator(self.config.seed, self.iteration, attempt, stream, device)
 
-    def _attempt(self) -> tuple[float | None, str]:
+    @contextlib.contextmanager
+    def _shard_rng(self, generator: torch.Generator) -> Iterator[None]:
+        """Global-RNG draws inside (dropout) come from the shard's stream; the caller's RNG is left alone."""
+        seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            yield
+
+    def _attempt(self, attempt: int) -> tuple[float | None, str]:
         """One optimisation step; ``(loss, "")`` on success, ``(None, reason)`` if anything was not finite.
 
         Failures are detected before the state changes where possible (loss, gradients); the parameter
-        check after the step catches the rest, and the caller rolls back.
+        check after the step catches the rest, and the caller rolls back. Every process reaches the same
+        verdict: the loss is averaged over processes and the gradients are all-reduced.
         """
         cfg = self.config
-        idx = torch.randint(0, len(self.train_x), (cfg.batch_size,), generator=self.generator)
-        grid = self._grid(cfg.steps_at(self.iteration))
+        steps = cfg.steps_at(self.iteration)
+        indices = torch.randint(0, len(self.train_data), (cfg.batch_size,), generator=self._generator(0, attempt))
+        shard_size = cfg.batch_size // (self.world_size * cfg.accumulate)
+        runner = self._loss_module if self._ddp is None else self._ddp
+        self._loss_module.error = ""
         self.optimizer.zero_grad(set_to_none=True)
-        try:
-            out = path_kl(self.model, self.train_x[idx], grid, generator=self.generator,
-                          antithetic=cfg.antithetic)
-        except FloatingPointError as err:  # sdesolve refuses NaN/inf states and names the step
-            return None, f"simulation: {err}"
-        loss = out.loss
-        if not bool(torch.isfinite(loss)):
-            return None, f"loss is {float(loss.detach())}"
-        loss.backward()
+        total = torch.zeros((), device=self.device)
+        for micro in range(cfg.accumulate):
+            shard = self.rank * cfg.accumulate + micro
+            g = self._generator(1 + shard, attempt, self.device)
+            x = self.train_data.batch(indices[shard * shard_size:(shard + 1) * shard_size], g, self.device)
+            last = micro == cfg.accumulate - 1
+            sync = contextlib.nullcontext() if self._ddp is None or last else self._ddp.no_sync()
+            with sync, self._shard_rng(g), self._autocast():
+                loss = runner(x, steps, g)
+            (loss.float() / cfg.accumulate).backward()
+            total += loss.detach().float() / cfg.accumulate
+        if self.world_size > 1:
+            torch.distributed.all_reduce(total)
+            total /= self.world_size
+        value = float(total)
+        if not math.isfinite(value):
+            return None, self._loss_module.error or f"loss is {value}"
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         # max_norm=inf leaves the gradients as they are (factor 1.0) but still returns the total norm
         max_norm = float("inf") if cfg.grad_clip is None else cfg.grad_clip
@@ -397,7 +548,12 @@ class Trainer:
         self._update_ema()
         if not bool(torch.isfinite(torch.stack([p.detach().sum() for p in params])).all()):
             return None, "parameters became non-finite after the step"
-        return float(loss.detach()), ""
+        return value, ""
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.config.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _update_ema(self) -> None:
         decay = self.config.ema_decay
@@ -414,7 +570,7 @@ class Trainer:
         On a non-finite loss, gradient or parameter, the model, EMA, optimizer and schedule are restored
         from the last in-memory snapshot (taken every ``snapshot_every`` iterations; with the default 1 it is
         the state after the previous iteration, and costs a copy of ~4x the weights, negligible next to a
-        simulated batch), and the iteration is retried with fresh noise from the generator.
+        simulated batch), and the iteration is retried with fresh noise (the next ``attempt`` stream).
 
         Raises:
             FloatingPointError: after ``1 + max_nan_retries`` consecutive failures, naming the iteration.
@@ -422,7 +578,7 @@ class Trainer:
         """
         while True:
             iteration = self.iteration
-            loss, reason = self._attempt()
+            loss, reason = self._attempt(self._failures)
             if loss is not None:
                 self.iteration += 1
                 self.history.losses.append(loss)
@@ -469,13 +625,14 @@ class Trainer:
         """Train until ``until`` iterations are done (default ``config.iterations``), with a tqdm bar.
 
         Evaluates every ``eval_every`` iterations and, when ``checkpoint`` is a path, saves there every
-        ``checkpoint_every`` iterations and at the end.
+        ``checkpoint_every`` iterations and at the end (rank 0 only, in a process group).
         """
         from tqdm.auto import tqdm
 
         cfg = self.config
         until = cfg.iterations if until is None else int(until)
-        bar = tqdm(total=until, initial=self.iteration, disable=not progress, unit="it", dynamic_ncols=True)
+        bar = tqdm(total=until, initial=self.iteration, disable=not (progress and self.is_main), unit="it",
+                   dynamic_ncols=True)
         try:
             while self.iteration < until:
                 start = time.perf_counter()
@@ -484,10 +641,10 @@ class Trainer:
                 bar.n = self.iteration  # a roll-back past a snapshot can move the counter back
                 bar.set_postfix(loss=f"{loss:.3f}", N=cfg.steps_at(self.iteration - 1), refresh=False)
                 bar.update(0)
-                if cfg.eval_every and self.iteration % cfg.eval_every == 0:
+                if cfg.eval_every and self.iteration % cfg.eval_every == 0 and self.is_main:
                     record = self.evaluate()
                     bar.write(f"iteration {record['iteration']}: train loss {record['train_loss']:.4f}, "
-                              f"held-out bound NLL {record['bound_nll']:.4f} nats (EMA)")
+                              f"held-out {record['nll_kind']} NLL {record['nll']:.4f} nats (EMA)")
                 every = cfg.checkpoint_every
                 if checkpoint is not None and every and self.iteration % every == 0:
                     self.save(checkpoint)
@@ -496,20 +653,27 @@ class Trainer:
         if checkpoint is not None:
             self.save(checkpoint)
 
-    def evaluate(self) -> dict[str, float]:
-        """Bound NLL of the EMA model on the held-out set (final N, fixed power grid); appended to history.
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out NLL of the EMA model (final N, fixed grid); appended to history.
 
-        Its noise comes from a generator seeded with ``seed + 1`` at every call, not from the training
-        generator: evaluating then leaves the training stream alone, and every evaluation sees the same noise
-        (common random numbers make successive values comparable).
+        The discrete bound where the family has one, else the exact NLL through the ODE (``nll_kind``
+        says which; ``bound_nll`` is kept as a name for the bound). Its noise comes from a generator seeded
+        with ``seed + 1`` at every call, not from the training streams: every evaluation sees the same
+        noise (common random numbers make successive values comparable).
         """
-        x = self.scaler.transform(self.split.heldout).to(torch.float32)
-        g = torch.Generator().manual_seed(self.config.seed + 1)
-        value = float(bound_nll(self.ema, x, self.config.grid(), generator=g).mean())
+        x = self.train_data.heldout().to(self.device)
+        g = torch.Generator(device=self.device).manual_seed(self.config.seed + 1)
+        with torch.no_grad():
+            bound = self.family.bound_nll(self.ema, x, self.config.final_steps, g)
+        kind = "bound" if bound is not None else "exact"
+        nll = bound if bound is not None else self.family.exact_nll(self.ema, x)
+        value = float(nll.mean())
         recent = self.history.losses[-max(self.config.eval_every, 1):]
-        record = {"iteration": self.iteration, "bound_nll": value,
-                  "train_loss": sum(recent) / len(recent) if recent else float("nan"),
-                  "train_time_s": self.train_time}
+        record: dict[str, Any] = {"iteration": self.iteration, "nll": value, "nll_kind": kind,
+                                  "train_loss": sum(recent) / len(recent) if recent else float("nan"),
+                                  "train_time_s": self.train_time}
+        if bound is not None:
+            record["bound_nll"] = value
         self.history.evals.append(record)
         return record
 
@@ -528,7 +692,6 @@ class Trainer:
             "ema_updates": self.ema_updates,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "iteration": self.iteration,
             "train_time_s": self.train_time,
@@ -537,30 +700,33 @@ class Trainer:
         }
 
     def save(self, path: str | Path) -> None:
-        """Write :meth:`state_dict` to ``path`` atomically (see :func:`atomic_write`)."""
+        """Write :meth:`state_dict` to ``path`` atomically (see :func:`atomic_write`); rank 0 only."""
+        if not self.is_main:
+            return
         state = self.state_dict()
         atomic_write(path, lambda f: torch.save(state, f))
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, *, restore_global_rng: bool = True) -> Trainer:
+    def from_checkpoint(cls, path: str | Path, *, restore_global_rng: bool = True,
+                        device: torch.device | str = "cpu") -> Trainer:
         """Rebuild a trainer from :meth:`save`'s file, ready to continue exactly where it stopped.
 
-        ``restore_global_rng`` also restores torch's global RNG as it was at saving time.
+        ``restore_global_rng`` also restores torch's global RNG as it was at saving time. Every process of a
+        group loads the same file.
 
         Raises:
             ValueError: if the file is missing or is not a trainer checkpoint.
         """
         state = load_checkpoint(path)
         config = TrainConfig.from_dict(state["config"])
-        trainer = cls(config, state["data"], split=DataSplit.from_state_dict(state["split"]))
-        trainer.scaler = Scaler.from_state_dict(state["scaler"])
-        trainer.train_x = trainer.scaler.transform(trainer.split.train).to(torch.float32)
+        split = DataSplit.from_state_dict(state["split"])
+        trainer = cls(config, state["data"], split=split, device=device)
+        trainer.train_data = PointData(split, Scaler.from_state_dict(state["scaler"]))
         trainer.model.load_state_dict(state["model"])
         trainer.ema.load_state_dict(state["ema"])
         trainer.ema_updates = int(state["ema_updates"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
-        trainer.generator.set_state(state["generator"])
         if restore_global_rng:
             torch.set_rng_state(state["torch_rng"])
         trainer.iteration = int(state["iteration"])
@@ -586,7 +752,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def evaluate_model(
-    model: DiffFlow,
+    model: nn.Module,
     config: TrainConfig,
     scaler: Scaler,
     heldout: Tensor,
@@ -595,39 +761,44 @@ def evaluate_model(
     seed: int = 0,
     steps: int | None = None,
 ) -> tuple[dict[str, Any], Tensor]:
-    """The final report of a trained model on held-out data; returns ``(metrics, samples)``.
+    """The final report of a trained model of ``config.family()`` on held-out data; returns
+    ``(metrics, samples)``.
 
     ``heldout`` and ``reference`` are two independent held-out sets ``(m, 2)`` in data coordinates. Metrics:
 
-    - ``bound_nll``: mean discrete bound (:func:`bound_nll`) on ``heldout`` on the power grid with ``steps``
-      (default ``config.final_steps``) steps; ``ode_nll``: mean exact NLL through the probability-flow
-      ODE (:func:`ode_nll`, Dopri5 at 1e-5). Both in nats per point **in model coordinates** (after
-      the scaler); the ``*_data`` variants are in data coordinates:
+    - ``bound_nll``: mean discrete bound on ``heldout`` on the family's grid with ``steps`` (default
+      ``config.final_steps``) steps (``None`` for a family without one: ffjord); ``ode_nll``: mean exact
+      NLL through the ODE (exact trace, Dopri5 at 1e-5). Both in nats per point **in model coordinates**
+      (after the scaler); the ``*_data`` variants are in data coordinates:
       ``nll_data = nll_model - log|det dy/dx|`` (:func:`scaler_log_det`).
-    - sample quality (:func:`sdeflow.metrics.sample_quality`): ``m`` backward-SDE samples, mapped back to
-      data coordinates, against ``heldout``; the floor scores ``reference`` instead.
+    - sample quality (:func:`sdeflow.metrics.sample_quality`): ``m`` samples with ``steps`` steps, mapped
+      back to data coordinates, against ``heldout``; the floor scores ``reference`` instead.
 
     ``samples`` ``(m, 2)`` are in data coordinates. ``seed`` fixes the bound's noise and the samples.
     """
-    x = scaler.transform(heldout).to(torch.float32)
-    grid = config.grid(steps)
-    g = torch.Generator().manual_seed(seed)
-    bound = float(bound_nll(model, x, grid, generator=g).mean())
-    exact = float(ode_nll(model, x, t0=config.t0, T=config.T).mean())
-    log_det = scaler_log_det(scaler)
+    family = config.family()
+    device = next(model.parameters()).device
+    x = scaler.transform(heldout).to(device, torch.float32)
+    steps = config.final_steps if steps is None else steps
+    g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        samples = scaler.inverse(sample(model, len(reference), (DIM,), grid, generator=g).to(torch.float64))
+        bound_t = family.bound_nll(model, x, steps, g)
+        samples = family.sample(model, len(reference), (DIM,), steps, g)
+    bound = None if bound_t is None else float(bound_t.mean())
+    exact = float(family.exact_nll(model, x).mean())
+    samples = scaler.inverse(samples.cpu().to(torch.float64))
     quality = sample_quality(heldout, samples, reference)
+    log_det = scaler_log_det(scaler)
     metrics = {
+        "model": config.model,
         "bound_nll": bound,
         "ode_nll": exact,
-        "bound_nll_data": bound - log_det,
+        "bound_nll_data": None if bound is None else bound - log_det,
         "ode_nll_data": exact - log_det,
         "scaler_log_det": log_det,
         "nll_note": "nats per point; *_nll in model (scaled) coordinates, *_nll_data in data coordinates "
                     "(= model - scaler_log_det); densities at t0 with the N(0, I) prior at T",
-        "bound_grid": f"PowerGrid(t0={config.t0}, T={config.T}, steps={grid.steps}, "
-                      f"exponent={config.grid_exponent})",
+        "grid": f"{type(family).__name__}.grid({steps})",
         "heldout_points": len(heldout),
         "samples": quality.m,
         "mmd2": quality.mmd2,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import sdeflow.train as train_module
+from sdeflow.families import DiffFlowFamily
 from sdeflow.train import DataSplit, TrainConfig, Trainer, atomic_write, evaluate_model, load_split
 
 TINY = dict(width=16, depth=2, batch_size=64, steps=5, train_size=512, eval_size=64, eval_every=0,
@@ -25,7 +25,6 @@ def all_state(trainer: Trainer) -> dict[str, torch.Tensor]:
     out.update({f"ema.{k}": v for k, v in trainer.ema.state_dict().items()})
     for i, state in trainer.optimizer.state_dict()["state"].items():
         out.update({f"adam.{i}.{k}": v for k, v in state.items()})
-    out["generator"] = trainer.generator.get_state()
     return out
 
 
@@ -115,7 +114,7 @@ def test_checkpoint_round_trip(tmp_path):
         assert torch.equal(getattr(loaded.split, name), getattr(trainer.split, name))
     assert loaded.history == trainer.history and len(loaded.history.evals) == 1
     raw = torch.load(path, weights_only=True)
-    assert {"model", "ema", "optimizer", "scheduler", "generator", "torch_rng", "iteration", "config",
+    assert {"model", "ema", "optimizer", "scheduler", "torch_rng", "iteration", "config",
             "scaler", "data", "history"} <= raw.keys()
 
 
@@ -184,18 +183,18 @@ def test_from_checkpoint_refuses_missing_and_foreign_files(tmp_path):
 # -- NaN handling -------------------------------------------------------------------------------------------
 
 def nan_loss_at(monkeypatch, trainer: Trainer, iteration: int, times: int | None) -> list[int]:
-    """Make path_kl return a NaN loss at ``iteration`` (``times`` attempts, None: forever)."""
-    real = train_module.path_kl
+    """Make the DiffFlow loss NaN at ``iteration`` (``times`` attempts, None: forever)."""
+    real = DiffFlowFamily.loss
     calls: list[int] = []
 
     def patched(*args, **kwargs):
         out = real(*args, **kwargs)
         if trainer.iteration >= iteration and (times is None or len(calls) < times):
             calls.append(trainer.iteration)
-            return dataclasses.replace(out, loss=out.loss * float("nan"))
+            return out * float("nan")
         return out
 
-    monkeypatch.setattr(train_module, "path_kl", patched)
+    monkeypatch.setattr(DiffFlowFamily, "loss", patched)
     return calls
 
 
@@ -218,7 +217,7 @@ def test_persistent_nan_raises_and_leaves_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     trainer.train(2, checkpoint=path, progress=False)
     before = path.read_bytes()
-    good = {k: v.clone() for k, v in all_state(trainer).items() if not k.startswith("generator")}
+    good = {k: v.clone() for k, v in all_state(trainer).items()}
     calls = nan_loss_at(monkeypatch, trainer, 2, times=None)
     with pytest.raises(FloatingPointError, match="iteration 2.*4 consecutive attempts"):
         trainer.train(6, checkpoint=path, progress=False)
@@ -248,7 +247,7 @@ def test_simulation_blow_up_counts_as_failure(monkeypatch):
     def exploding(*args, **kwargs):
         raise FloatingPointError("the state became NaN or infinite at step 3")
 
-    monkeypatch.setattr(train_module, "path_kl", exploding)
+    monkeypatch.setattr(DiffFlowFamily, "loss", exploding)
     with pytest.raises(FloatingPointError, match="iteration 0: simulation"):
         trainer.step()
 

@@ -1,0 +1,197 @@
+"""Model families: what the trainer, the evaluation and the command line need to know of a generative model.
+
+A family turns networks into a model and tells how to train, sample and score it. Three share one trainer:
+
+========== ============================ ======================================= ==========================
+family     model                        training loss                           sampling with N steps
+========== ============================ ======================================= ==========================
+diffflow   learned drift f and score s  path KL on a random power grid          backward SDE, power grid
+ddpm       fixed VP drift, learned s    denoising score matching                reverse SDE, uniform grid
+ffjord     learned drift, g = 0         maximum likelihood (Hutchinson, RK4)    ODE, RK4 on a uniform grid
+========== ============================ ======================================= ==========================
+
+Every family also gives a held-out NLL: the discrete path bound (diffflow, ddpm) and the exact NLL through
+an ODE (the probability flow of diffflow and ddpm; the flow itself for ffjord).
+
+Example:
+    >>> from sdeflow.nets import TimeMLP
+    >>> family = DiffFlowFamily()
+    >>> model = family.build(lambda: TimeMLP(2, width=16, t_scale=family.t_scale))
+    >>> x = torch.zeros(4, 2)
+    >>> family.loss(model, x, steps=3, generator=torch.Generator().manual_seed(0)).shape
+    torch.Size([])
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+import solvers
+
+from .likelihood import bound_nll, ode_nll
+from .loss import path_kl
+from .model import DiffFlow
+from .sample import Samples, sample, sample_ode, sample_trajectory
+
+__all__ = ["ModelFamily", "DiffFlowFamily", "family_names", "make_family"]
+
+NetFactory = Callable[[], nn.Module]
+
+
+class ModelFamily(ABC):
+    """How to build, train, sample and score one kind of model on ``(batch, *event_shape)`` data.
+
+    ``t0`` and ``T`` are the ends of the family's time interval (data at ``t0``, the ``N(0, I)`` prior at
+    ``T``); ``t_scale = 1 / T`` maps it onto ``[0, 1]`` for the networks' time features.
+    """
+
+    name: ClassVar[str]
+    t0: float
+    T: float
+
+    @property
+    def t_scale(self) -> float:
+        return 1.0 / self.T
+
+    @abstractmethod
+    def build(self, net: NetFactory) -> nn.Module:
+        """A fresh model whose learned fields are made by calling ``net()`` (once per field)."""
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
+        """Adam parameter groups (one per learned field, named)."""
+        return [{"params": list(model.parameters()), "lr": lr, "name": "model"}]
+
+    @abstractmethod
+    def loss(self, model: nn.Module, x: Tensor, steps: int, generator: torch.Generator) -> Tensor:
+        """The scalar training loss (mean over the batch) on data ``x`` with ``steps`` time steps."""
+
+    @abstractmethod
+    def grid(self, steps: int) -> solvers.Grid:
+        """The increasing sampling and evaluation grid with ``steps`` steps on ``[t0, T]``."""
+
+    @abstractmethod
+    def sample(self, model: nn.Module, n: int, event_shape: Sequence[int], steps: int,
+               generator: torch.Generator, *, ode: bool = False, solver: solvers.ODESolver | None = None) -> Tensor:
+        """``n`` samples ``(n, *event_shape)`` with ``steps`` steps on :meth:`grid`. ``ode``: the deterministic
+        sampler, with ``solver`` (default RK4 on the grid's nodes; an adaptive one takes its own steps)."""
+
+    def bound_nll(self, model: nn.Module, x: Tensor, steps: int, generator: torch.Generator) -> Tensor | None:
+        """The discrete upper bound on the NLL, nats per point ``(batch,)``; ``None`` where there is none."""
+        return None
+
+    @abstractmethod
+    def exact_nll(self, model: nn.Module, x: Tensor, *, trace: solvers.TraceEstimator | None = None,
+                  solver: solvers.ODESolver | None = None) -> Tensor:
+        """The NLL through an ODE, nats per point ``(batch,)`` (default: exact trace, Dopri5 at 1e-5)."""
+
+    @abstractmethod
+    def forward_trajectory(self, model: nn.Module, x: Tensor, steps: int,
+                           generator: torch.Generator) -> Samples:
+        """The data-to-noise path of ``x`` on :meth:`grid`: ``ts`` ``(steps + 1,)`` increasing, ``xs``
+        ``(steps + 1, *x.shape)``."""
+
+    @abstractmethod
+    def sample_trajectory(self, model: nn.Module, n: int, event_shape: Sequence[int], steps: int,
+                          generator: torch.Generator) -> Samples:
+        """The noise-to-data path of ``n`` samples: ``ts`` decreasing from ``T``, ``xs`` ``(S, n, *event_shape)``
+        with ``xs[-1]`` the samples (as :meth:`sample` draws them)."""
+
+
+@dataclass(frozen=True)
+class DiffFlowFamily(ModelFamily):
+    """DiffFlow (:class:`sdeflow.model.DiffFlow`): path KL on the power grid ``[t0, T]`` (method note §5).
+
+    ``random_grid``: train on a stratified random draw around the power grid; ``antithetic``: opposite-noise
+    path pairs (:func:`sdeflow.loss.path_kl`).
+    """
+
+    name: ClassVar[str] = "diffflow"
+    t0: float = 0.001
+    T: float = 0.05
+    diffusion: float = 0.2
+    grid_exponent: float = 0.9
+    random_grid: bool = True
+    antithetic: bool = True
+
+    def build(self, net: NetFactory) -> DiffFlow:
+        return DiffFlow(net(), net(), diffusion=self.diffusion)
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
+        assert isinstance(model, DiffFlow)
+        return [{"params": list(model.drift.parameters()), "lr": lr, "name": "drift"},
+                {"params": list(model.score.parameters()), "lr": lr, "name": "score"}]
+
+    def grid(self, steps: int) -> solvers.PowerGrid:
+        return solvers.PowerGrid(self.t0, self.T, steps, self.grid_exponent)
+
+    def loss(self, model: nn.Module, x: Tensor, steps: int, generator: torch.Generator) -> Tensor:
+        assert isinstance(model, DiffFlow)
+        grid = self.grid(steps)
+        if self.random_grid:
+            grid = grid.stratified().sample(generator)
+        return path_kl(model, x, grid, generator=generator, antithetic=self.antithetic).loss
+
+    def sample(self, model: nn.Module, n: int, event_shape: Sequence[int], steps: int,
+               generator: torch.Generator, *, ode: bool = False, solver: solvers.ODESolver | None = None) -> Tensor:
+        assert isinstance(model, DiffFlow)
+        where = dict(generator=generator, device=_device(model), dtype=_dtype(model))
+        if ode:
+            return sample_ode(model, n, tuple(event_shape), self.grid(steps), solver=solver, **where)
+        return sample(model, n, tuple(event_shape), self.grid(steps), **where)
+
+    def bound_nll(self, model: nn.Module, x: Tensor, steps: int, generator: torch.Generator) -> Tensor:
+        assert isinstance(model, DiffFlow)
+        return bound_nll(model, x, self.grid(steps), generator=generator)
+
+    def exact_nll(self, model: nn.Module, x: Tensor, *, trace: solvers.TraceEstimator | None = None,
+                  solver: solvers.ODESolver | None = None) -> Tensor:
+        assert isinstance(model, DiffFlow)
+        return ode_nll(model, x, t0=self.t0, T=self.T, trace=trace, solver=solver)
+
+    def forward_trajectory(self, model: nn.Module, x: Tensor, steps: int,
+                           generator: torch.Generator) -> Samples:
+        assert isinstance(model, DiffFlow)
+        with torch.no_grad():
+            path = solvers.sdesolve(model.forward_sde(), x, self.grid(steps), generator=generator,
+                                    save=solvers.SaveAt(t0=True, steps=True))
+        return Samples(path.ts, path.xs)
+
+    def sample_trajectory(self, model: nn.Module, n: int, event_shape: Sequence[int], steps: int,
+                          generator: torch.Generator) -> Samples:
+        assert isinstance(model, DiffFlow)
+        return sample_trajectory(model, n, tuple(event_shape), self.grid(steps), generator=generator,
+                                 save=solvers.SaveAt(t0=True, steps=True), device=_device(model),
+                                 dtype=_dtype(model))
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+_FAMILIES: dict[str, Callable[..., ModelFamily]] = {"diffflow": DiffFlowFamily}
+
+
+def family_names() -> list[str]:
+    """The registered family names, for ``--model``."""
+    return sorted(_FAMILIES)
+
+
+def make_family(name: str, **settings: Any) -> ModelFamily:
+    """The family called ``name`` with its ``settings`` (fields of its dataclass).
+
+    Raises:
+        ValueError: for an unknown name, naming the known ones.
+    """
+    if name not in _FAMILIES:
+        raise ValueError(f"unknown model '{name}'; available: {', '.join(family_names())}")
+    return _FAMILIES[name](**settings)
