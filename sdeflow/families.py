@@ -16,7 +16,7 @@ an ODE (the probability flow of diffflow and ddpm; the flow itself for ffjord).
 Example:
     >>> from sdeflow.nets import TimeMLP
     >>> family = DiffFlowFamily()
-    >>> model = family.build(lambda: TimeMLP(2, width=16, t_scale=family.t_scale))
+    >>> model = family.build(lambda role: TimeMLP(2, width=16, t_scale=family.t_scale))
     >>> x = torch.zeros(4, 2)
     >>> family.loss(model, x, steps=3, generator=torch.Generator().manual_seed(0)).shape
     torch.Size([])
@@ -34,14 +34,17 @@ from torch import Tensor, nn
 
 import solvers
 
+from .cnf import CNF, maximum_likelihood_loss
+from .ddpm import DDPM, VPSchedule, denoising_score_matching
 from .likelihood import bound_nll, ode_nll
 from .loss import path_kl
 from .model import DiffFlow
-from .sample import Samples, sample, sample_ode, sample_trajectory
+from .sample import Samples, prior_sample, sample, sample_ode, sample_trajectory
 
-__all__ = ["ModelFamily", "DiffFlowFamily", "family_names", "make_family"]
+__all__ = ["ModelFamily", "DiffFlowFamily", "DDPMFamily", "FFJORDFamily", "family_names", "make_family"]
 
-NetFactory = Callable[[], nn.Module]
+NetFactory = Callable[[str], nn.Module]
+"""Makes one learned field given its role, ``"drift"`` or ``"score"``."""
 
 
 class ModelFamily(ABC):
@@ -61,7 +64,7 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def build(self, net: NetFactory) -> nn.Module:
-        """A fresh model whose learned fields are made by calling ``net()`` (once per field)."""
+        """A fresh model whose learned fields are made by ``net(role)``, role ``"drift"`` or ``"score"``."""
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
         """Adam parameter groups (one per learned field, named)."""
@@ -103,39 +106,9 @@ class ModelFamily(ABC):
         with ``xs[-1]`` the samples (as :meth:`sample` draws them)."""
 
 
-@dataclass(frozen=True)
-class DiffFlowFamily(ModelFamily):
-    """DiffFlow (:class:`sdeflow.model.DiffFlow`): path KL on the power grid ``[t0, T]`` (method note §5).
-
-    ``random_grid``: train on a stratified random draw around the power grid; ``antithetic``: opposite-noise
-    path pairs (:func:`sdeflow.loss.path_kl`).
-    """
-
-    name: ClassVar[str] = "diffflow"
-    t0: float = 0.001
-    T: float = 0.05
-    diffusion: float = 0.2
-    grid_exponent: float = 0.9
-    random_grid: bool = True
-    antithetic: bool = True
-
-    def build(self, net: NetFactory) -> DiffFlow:
-        return DiffFlow(net(), net(), diffusion=self.diffusion)
-
-    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
-        assert isinstance(model, DiffFlow)
-        return [{"params": list(model.drift.parameters()), "lr": lr, "name": "drift"},
-                {"params": list(model.score.parameters()), "lr": lr, "name": "score"}]
-
-    def grid(self, steps: int) -> solvers.PowerGrid:
-        return solvers.PowerGrid(self.t0, self.T, steps, self.grid_exponent)
-
-    def loss(self, model: nn.Module, x: Tensor, steps: int, generator: torch.Generator) -> Tensor:
-        assert isinstance(model, DiffFlow)
-        grid = self.grid(steps)
-        if self.random_grid:
-            grid = grid.stratified().sample(generator)
-        return path_kl(model, x, grid, generator=generator, antithetic=self.antithetic).loss
+class _DiffusionFamily(ModelFamily):
+    """What DiffFlow and DDPM share: a :class:`DiffFlow` sampled by its backward SDE or probability flow on
+    :meth:`grid`, scored by the discrete path bound and the probability-flow ODE."""
 
     def sample(self, model: nn.Module, n: int, event_shape: Sequence[int], steps: int,
                generator: torch.Generator, *, ode: bool = False, solver: solvers.ODESolver | None = None) -> Tensor:
@@ -170,6 +143,126 @@ class DiffFlowFamily(ModelFamily):
                                  dtype=_dtype(model))
 
 
+@dataclass(frozen=True)
+class DiffFlowFamily(_DiffusionFamily):
+    """DiffFlow (:class:`sdeflow.model.DiffFlow`): path KL on the power grid ``[t0, T]`` (method note §5).
+
+    ``random_grid``: train on a stratified random draw around the grid; ``antithetic``: opposite-noise
+    path pairs (:func:`sdeflow.loss.path_kl`); ``profile``: the image profile grid
+    (:class:`solvers.ProfileGrid`, method note §5) instead of the power grid.
+    """
+
+    name: ClassVar[str] = "diffflow"
+    t0: float = 0.001
+    T: float = 0.05
+    diffusion: float = 0.2
+    grid_exponent: float = 0.9
+    random_grid: bool = True
+    antithetic: bool = True
+    profile: bool = False
+
+    def build(self, net: NetFactory) -> DiffFlow:
+        return DiffFlow(net("drift"), net("score"), diffusion=self.diffusion)
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
+        assert isinstance(model, DiffFlow)
+        return [{"params": list(model.drift.parameters()), "lr": lr, "name": "drift"},
+                {"params": list(model.score.parameters()), "lr": lr, "name": "score"}]
+
+    def grid(self, steps: int) -> solvers.Grid:
+        if self.profile:
+            return solvers.ProfileGrid(self.t0, self.T, steps)
+        return solvers.PowerGrid(self.t0, self.T, steps, self.grid_exponent)
+
+    def loss(self, model: nn.Module, x: Tensor, steps: int, generator: torch.Generator) -> Tensor:
+        assert isinstance(model, DiffFlow)
+        grid = self.grid(steps)
+        if self.random_grid:
+            grid = grid.stratified().sample(generator)
+        return path_kl(model, x, grid, generator=generator, antithetic=self.antithetic).loss
+
+
+@dataclass(frozen=True)
+class DDPMFamily(_DiffusionFamily):
+    """DDPM as the variance-preserving score SDE (:class:`sdeflow.ddpm.DDPM`): the drift is fixed, only the
+    score is learned, by denoising score matching at random times (``steps`` plays no part in training);
+    sampled and scored on the uniform grid over ``[t0, T]`` as in Song et al. (2021).
+    """
+
+    name: ClassVar[str] = "ddpm"
+    t0: float = 1e-3
+    T: float = 1.0
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+
+    def build(self, net: NetFactory) -> DDPM:
+        return DDPM(net("score"), VPSchedule(self.beta_min, self.beta_max), t0=self.t0, T=self.T)
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
+        assert isinstance(model, DDPM)
+        return [{"params": list(model.score.parameters()), "lr": lr, "name": "score"}]
+
+    def grid(self, steps: int) -> solvers.Grid:
+        return solvers.UniformGrid(self.t0, self.T, steps)
+
+    def loss(self, model: nn.Module, x: Tensor, steps: int, generator: torch.Generator) -> Tensor:
+        assert isinstance(model, DDPM)
+        return denoising_score_matching(model, x, generator)
+
+
+@dataclass(frozen=True)
+class FFJORDFamily(ModelFamily):
+    """A continuous normalizing flow (:class:`sdeflow.cnf.CNF`, ``g = 0``): maximum likelihood through the
+    ODE's log-density with Hutchinson's trace and RK4 on ``steps`` equal steps in training; sampled by RK4
+    on the uniform grid ``[0, T]`` (``ode`` is implied; ``solver`` replaces RK4); exact NLL with the exact
+    trace and Dopri5.
+    """
+
+    name: ClassVar[str] = "ffjord"
+    t0: float = 0.0
+    T: float = 1.0
+
+    def build(self, net: NetFactory) -> CNF:
+        return CNF(net("drift"), T=self.T)
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
+        assert isinstance(model, CNF)
+        return [{"params": list(model.drift.parameters()), "lr": lr, "name": "drift"}]
+
+    def grid(self, steps: int) -> solvers.Grid:
+        return solvers.UniformGrid(self.t0, self.T, steps)
+
+    def loss(self, model: nn.Module, x: Tensor, steps: int, generator: torch.Generator) -> Tensor:
+        assert isinstance(model, CNF)
+        return maximum_likelihood_loss(model, x, steps, generator)
+
+    def sample(self, model: nn.Module, n: int, event_shape: Sequence[int], steps: int,
+               generator: torch.Generator, *, ode: bool = False, solver: solvers.ODESolver | None = None) -> Tensor:
+        assert isinstance(model, CNF)
+        return model.sample(n, tuple(event_shape), steps, generator, solver=solver, dtype=_dtype(model),
+                            device=_device(model))
+
+    def exact_nll(self, model: nn.Module, x: Tensor, *, trace: solvers.TraceEstimator | None = None,
+                  solver: solvers.ODESolver | None = None) -> Tensor:
+        assert isinstance(model, CNF)
+        with torch.no_grad():
+            return -model.log_prob(x, solver=solver, trace=trace)
+
+    def forward_trajectory(self, model: nn.Module, x: Tensor, steps: int,
+                           generator: torch.Generator) -> Samples:
+        assert isinstance(model, CNF)
+        return Samples(*model.trajectory(x, steps))
+
+    def sample_trajectory(self, model: nn.Module, n: int, event_shape: Sequence[int], steps: int,
+                          generator: torch.Generator) -> Samples:
+        assert isinstance(model, CNF)
+        x_T = prior_sample(n, tuple(event_shape), generator=generator, dtype=_dtype(model), device=_device(model))
+        with torch.no_grad():
+            path = solvers.odesolve(model.probability_flow(), x_T, self.grid(steps).reversed(),
+                                    solver=solvers.RK4(), save=solvers.SaveAt(t0=True, steps=True))
+        return Samples(path.ts, path.xs)
+
+
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -178,7 +271,8 @@ def _dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-_FAMILIES: dict[str, Callable[..., ModelFamily]] = {"diffflow": DiffFlowFamily}
+_FAMILIES: dict[str, Callable[..., ModelFamily]] = {"diffflow": DiffFlowFamily, "ddpm": DDPMFamily,
+                                                    "ffjord": FFJORDFamily}
 
 
 def family_names() -> list[str]:

@@ -57,6 +57,9 @@ from .nets import TimeMLP
 __all__ = [
     "TrainConfig",
     "DataSplit",
+    "PointData",
+    "ImageTrainData",
+    "is_image_data",
     "stream_generator",
     "Trainer",
     "build_model",
@@ -94,6 +97,11 @@ class TrainConfig:
     Scale: ``batch_size`` is the global batch, split evenly into ``world_size * accumulate`` shards (one
     per process and micro-batch; see the module docstring); ``precision`` ``"bf16"`` runs the fields under
     ``torch.autocast`` in bfloat16 (no loss scaling needed; the solver state stays float32).
+    Images (:mod:`sdeflow.images`): the fields are :class:`sdeflow.unet.UNet` s of preset ``unet``
+    (``digits``, ``mnist``, ``cifar10``; ``auto`` picks by image size), with ``unet_channels`` base
+    channels (0: the preset's) and ``score_channels`` for DiffFlow's score (0: same as the drift);
+    ``grid_kind`` ``"profile"`` is the image profile grid (method note §5) instead of ``"power"``; ``data_root``
+    is where ``mnist``/``cifar10`` files are (never downloaded).
     Bookkeeping: bound-NLL evaluation every ``eval_every`` and a checkpoint every ``checkpoint_every``
     iterations (0: never; :meth:`Trainer.train` still saves at the end), ``seed``, and the NaN policy:
     state snapshots every ``snapshot_every`` iterations, a failed iteration is retried ``max_nan_retries``
@@ -129,6 +137,11 @@ class TrainConfig:
     snapshot_every: int = 1
     accumulate: int = 1
     precision: str = "fp32"
+    grid_kind: str = "power"
+    unet: str = "auto"
+    unet_channels: int = 0
+    score_channels: int = 0
+    data_root: str = ""
 
     def __post_init__(self) -> None:
         # JSON and checkpoints hand lists back: normalise to a tuple of int pairs, then validate
@@ -140,7 +153,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
-        for name in ("eval_every", "checkpoint_every", "max_nan_retries", "seed"):
+        for name in ("eval_every", "checkpoint_every", "max_nan_retries", "seed", "unet_channels",
+                     "score_channels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {value!r}")
@@ -154,6 +168,10 @@ class TrainConfig:
             raise ValueError(f"need 0 < lr_decay <= 1 and 0 <= ema_decay < 1, got {self.lr_decay}, "
                              f"{self.ema_decay}")
         make_family(self.model) if self.model != "diffflow" else None  # raises for unknown names
+        if self.grid_kind not in ("power", "profile"):
+            raise ValueError(f"TrainConfig.grid_kind must be 'power' or 'profile', got {self.grid_kind!r}")
+        if self.unet not in ("auto", *UNET_PRESETS):
+            raise ValueError(f"TrainConfig.unet must be 'auto' or one of {UNET_PRESETS}, got {self.unet!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"TrainConfig.precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.batch_size % self.accumulate:
@@ -182,6 +200,38 @@ class TrainConfig:
         preset.update(overrides)
         return cls(**preset)
 
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> TrainConfig:
+        """A named configuration: ``paper`` (the published 2D setting, the defaults), ``quick`` (:meth:`quick`),
+        ``digits`` (CPU-sized DiffFlow on scikit-learn's 8x8 digits, about 30 minutes on 2 cores),
+        ``mnist`` and ``cifar10`` (the published image settings, method note §7, for a GPU: g = 1,
+        T = 0.05, random power / profile grid, progressive N 5 → 30 / 5 → 75, batch 64 / 100, Adam 2e-4,
+        EMA 0.999, clipping 1.0, bfloat16 autocast).
+
+        Example:
+            >>> TrainConfig.preset("mnist").final_steps, TrainConfig.preset("cifar10").grid_kind
+            (30, 'profile')
+        """
+        image = dict(diffusion=1.0, T=0.05, t0=0.001, drift_lr=2e-4, score_lr=2e-4, lr_decay=1.0, ema_decay=0.999,
+                     grad_clip=1.0, eval_every=5000, checkpoint_every=5000, eval_size=256)
+        presets: dict[str, dict[str, Any]] = {
+            "paper": {},
+            "quick": dataclasses.asdict(cls.quick()),
+            "digits": {**image, "unet": "digits", "batch_size": 128, "iterations": 4000, "drift_lr": 1e-3,
+                       "score_lr": 1e-3, "lr_decay": 0.5, "lr_decay_every": 2000,
+                       "steps_schedule": ((0, 5), (1500, 10)), "ema_decay": 0.995, "eval_every": 1000,
+                       "checkpoint_every": 500, "eval_size": 256},
+            "mnist": {**image, "unet": "mnist", "batch_size": 64, "iterations": 100_000, "precision": "bf16",
+                      "steps_schedule": ((0, 5), (20_000, 10), (40_000, 20), (60_000, 30))},
+            "cifar10": {**image, "unet": "cifar10", "score_channels": 64, "batch_size": 100, "iterations": 50_000,
+                        "precision": "bf16", "grid_kind": "profile",
+                        "steps_schedule": ((0, 5), (5000, 10), (15_000, 20), (20_000, 30), (25_000, 50),
+                                           (30_000, 75))},
+        }
+        if name not in presets:
+            raise ValueError(f"unknown preset '{name}'; available: {', '.join(presets)}")
+        return cls(**{**presets[name], **overrides})
+
     def steps_at(self, iteration: int) -> int:
         """N for (0-based) ``iteration``: the last schedule entry at or before it, else :attr:`steps`."""
         n = self.steps
@@ -200,7 +250,7 @@ class TrainConfig:
         if self.model == "diffflow":
             return DiffFlowFamily(t0=self.t0, T=self.T, diffusion=self.diffusion,
                                   grid_exponent=self.grid_exponent, random_grid=self.random_grid,
-                                  antithetic=self.antithetic)
+                                  antithetic=self.antithetic, profile=self.grid_kind == "profile")
         return make_family(self.model)
 
     def grid(self, steps: int | None = None) -> solvers.Grid:
@@ -223,17 +273,39 @@ class TrainConfig:
         return cls(**d)
 
 
+UNET_PRESETS = ("digits", "mnist", "cifar10")
+
+
 def build_model(config: TrainConfig, event_shape: tuple[int, ...] = (DIM,)) -> nn.Module:
-    """A fresh model of ``config.family()`` whose fields are ``TimeMLP(dim, width, depth)`` with time features
-    scaled to the family's interval (2D points)."""
+    """A fresh model of ``config.family()`` with time features scaled to the family's interval.
+
+    Points ``(dim,)``: every field is a ``TimeMLP(dim, width, depth)``. Images ``(C, H, W)``: every field is
+    a :class:`sdeflow.unet.UNet` of preset ``config.unet`` (``auto``: by size, 8 → digits, 28 → mnist,
+    32 → cifar10, else the digits layout at this size), with ``unet_channels`` and ``score_channels``.
+    """
     family = config.family()
-    if len(event_shape) != 1:
-        raise ValueError(f"build_model makes MLP fields for flat points (dim,), got event shape {event_shape}")
+    if len(event_shape) == 1:
+        def net(role: str) -> nn.Module:
+            return TimeMLP(event_shape[0], width=config.width, depth=config.depth, t_scale=family.t_scale)
 
-    def net() -> TimeMLP:
-        return TimeMLP(event_shape[0], width=config.width, depth=config.depth, t_scale=family.t_scale)
+        return family.build(net)
+    if len(event_shape) != 3:
+        raise ValueError(f"data must be points (dim,) or images (C, H, W), got event shape {event_shape}")
+    from .unet import UNet
 
-    return family.build(net)
+    c, h, w = event_shape
+    preset = config.unet
+    if preset == "auto":
+        preset = {8: "digits", 28: "mnist", 32: "cifar10"}.get(h, "digits") if h == w else "digits"
+
+    def image_net(role: str) -> nn.Module:
+        overrides: dict[str, Any] = dict(image_size=(h, w), in_channels=c, t_scale=family.t_scale)
+        channels = config.score_channels if role == "score" and config.score_channels else config.unet_channels
+        if channels:
+            overrides["base_channels"] = channels
+        return getattr(UNet, preset)(**overrides)
+
+    return family.build(image_net)
 
 
 def stream_generator(seed: int, iteration: int, attempt: int, stream: int,
@@ -379,6 +451,50 @@ class PointData:
         return self.scaler.transform(self.split.heldout).to(torch.float32)
 
 
+class ImageTrainData:
+    """Images for training: integer levels (:class:`sdeflow.images.ImageData`), dequantised per batch.
+
+    ``event_shape`` ``(C, H, W)``; :meth:`batch` returns ``2 (k + u) / L - 1`` with fresh uniform ``u`` from
+    the shard's stream (a new dequantisation every time an image is drawn).
+    """
+
+    def __init__(self, images: Any):
+        self.images = images
+        self.event_shape = images.shape
+
+    def __len__(self) -> int:
+        return len(self.images.train)
+
+    def batch(self, indices: Tensor, generator: torch.Generator, device: torch.device) -> Tensor:
+        from .images import dequantize
+
+        if generator.device.type != "cpu":  # dequantize draws on the CPU: a CPU stream derived from the shard's
+            seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+            generator = torch.Generator().manual_seed(seed)
+        return dequantize(self.images.train[indices], self.images.levels, generator).to(device)
+
+    def heldout(self, n: int, seed: int) -> Tensor:
+        """The first ``n`` test images (training images if there is no test set), dequantised with ``seed``."""
+        from .images import dequantize
+
+        pool = self.images.test if len(self.images.test) else self.images.train
+        return dequantize(pool[:n], self.images.levels, torch.Generator().manual_seed(seed))
+
+
+def is_image_data(data: str) -> bool:
+    """Whether ``data`` names an image set (:data:`sdeflow.images.IMAGE_SOURCES`, a folder, an image array)."""
+    from .images import IMAGE_SOURCES
+
+    if data in IMAGE_SOURCES:
+        return True
+    path = Path(data)
+    if path.is_dir():
+        return True
+    if path.suffix.lower() == ".npy" and path.is_file():
+        return np.load(path, mmap_mode="r").ndim >= 3
+    return False
+
+
 class _LossModule(nn.Module):
     """The family's loss as a module's forward, so that DistributedDataParallel sees the forward pass.
 
@@ -448,10 +564,16 @@ class Trainer:
         if config.batch_size % shards:
             raise ValueError(f"batch_size {config.batch_size} does not split into {self.world_size} processes "
                              f"x {config.accumulate} micro-batches")
-        if split is None:
-            split = load_split(self.data, config.train_size, config.eval_size,
-                               torch.Generator().manual_seed(config.seed))
-        self.train_data = PointData(split)
+        self.train_data: PointData | ImageTrainData
+        if split is None and is_image_data(self.data):
+            from .images import load_images
+
+            self.train_data = ImageTrainData(load_images(self.data, root=config.data_root or None, seed=config.seed))
+        else:
+            if split is None:
+                split = load_split(self.data, config.train_size, config.eval_size,
+                                   torch.Generator().manual_seed(config.seed))
+            self.train_data = PointData(split)
         self.family = config.family()
         # the networks' init draws from the global RNG: fork it so the seed fixes the init and the caller's
         # global stream is left alone
@@ -481,12 +603,29 @@ class Trainer:
         self._snapshot = self._take_snapshot()
 
     @property
+    def images(self) -> bool:
+        """Whether the trainer holds image data (else 2D points)."""
+        return isinstance(self.train_data, ImageTrainData)
+
+    @property
     def split(self) -> DataSplit:
+        """The point data's split (points only)."""
+        if not isinstance(self.train_data, PointData):
+            raise AttributeError("image data has no point split: see trainer.train_data.images")
         return self.train_data.split
 
     @property
     def scaler(self) -> Scaler:
+        """The point data's scaler (points only)."""
+        if not isinstance(self.train_data, PointData):
+            raise AttributeError("image data has no scaler: images are scaled to [-1, 1] by dequantisation")
         return self.train_data.scaler
+
+    def heldout(self) -> Tensor:
+        """Held-out data in model coordinates (points: the held-out split; images: dequantised test images)."""
+        if isinstance(self.train_data, PointData):
+            return self.train_data.heldout()
+        return self.train_data.heldout(self.config.eval_size, self.config.seed + 2)
 
     @property
     def is_main(self) -> bool:
@@ -661,7 +800,7 @@ class Trainer:
         with ``seed + 1`` at every call, not from the training streams: every evaluation sees the same
         noise (common random numbers make successive values comparable).
         """
-        x = self.train_data.heldout().to(self.device)
+        x = self.heldout().to(self.device)
         g = torch.Generator(device=self.device).manual_seed(self.config.seed + 1)
         with torch.no_grad():
             bound = self.family.bound_nll(self.ema, x, self.config.final_steps, g)
@@ -685,8 +824,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "config": self.config.to_dict(),
             "data": self.data,
-            "split": self.split.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            **({} if self.images else {"split": self.split.state_dict(), "scaler": self.scaler.state_dict()}),
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "ema_updates": self.ema_updates,
@@ -719,9 +857,12 @@ class Trainer:
         """
         state = load_checkpoint(path)
         config = TrainConfig.from_dict(state["config"])
-        split = DataSplit.from_state_dict(state["split"])
-        trainer = cls(config, state["data"], split=split, device=device)
-        trainer.train_data = PointData(split, Scaler.from_state_dict(state["scaler"]))
+        if "split" in state:
+            split = DataSplit.from_state_dict(state["split"])
+            trainer = cls(config, state["data"], split=split, device=device)
+            trainer.train_data = PointData(split, Scaler.from_state_dict(state["scaler"]))
+        else:  # images are reloaded from their source: the same seed gives the same split
+            trainer = cls(config, state["data"], device=device)
         trainer.model.load_state_dict(state["model"])
         trainer.ema.load_state_dict(state["ema"])
         trainer.ema_updates = int(state["ema_updates"])

@@ -1,6 +1,5 @@
 """Trainer: configuration, checkpoint round trip, bit-exact resume, NaN roll-back, atomic writes."""
 
-import dataclasses
 import math
 
 import numpy as np
