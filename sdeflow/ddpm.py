@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from .model import DiffFlow
 
-__all__ = ["VPSchedule", "VPDrift", "DDPM", "denoising_score_matching"]
+__all__ = ["VPSchedule", "VPDrift", "NoisePredictionScore", "DDPM", "denoising_score_matching"]
 
 
 def _time(t: Tensor | float) -> Tensor:
@@ -122,6 +122,35 @@ class VPDrift(nn.Module):
     def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
         beta = _per_sample(self.schedule.beta(t), x)
         return (-0.5 * beta).to(x.dtype) * x
+
+
+class NoisePredictionScore(nn.Module):
+    """A score network parameterised as a noise predictor (Ho et al. 2020): ``s(x, t) = -eps(x, t) / sigma(t)``.
+
+    The score of the VP marginals grows like ``1 / sigma(t)`` near the data (``sigma(t0) ~ 0.01`` with the
+    defaults), so a network that outputs the score itself must produce values ~100 at small ``t`` and tiny
+    ones at ``T``; ``eps`` is O(1) at every ``t``. With this score the denoising score-matching loss
+    ``1/2 |sigma s + eps|^2`` is DDPM's "simple" loss ``1/2 |eps - eps(x_t, t)|^2``.
+
+    Args:
+        net: the noise predictor ``eps(x, t)`` ``(B, *dims) -> (B, *dims)``, called like :mod:`sdeflow.nets`.
+        schedule: the VP schedule whose ``sigma(t)`` divides it.
+
+    Example:
+        >>> from sdeflow.nets import TimeMLP
+        >>> score = NoisePredictionScore(TimeMLP(2, t_scale=1.0), VPSchedule())
+        >>> score(torch.zeros(3, 2), torch.full((3,), 0.5)).shape
+        torch.Size([3, 2])
+    """
+
+    def __init__(self, net: nn.Module, schedule: VPSchedule):
+        super().__init__()
+        self.net = net
+        self.schedule = schedule
+
+    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
+        sigma = _per_sample(self.schedule.std(_time(t)), x).to(x.dtype)
+        return -self.net(x, t) / sigma
 
 
 _DEFAULT_SCHEDULE = VPSchedule()  # frozen: one shared default instance is safe

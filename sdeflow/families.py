@@ -35,7 +35,7 @@ from torch import Tensor, nn
 import solvers
 
 from .cnf import CNF, maximum_likelihood_loss
-from .ddpm import DDPM, VPSchedule, denoising_score_matching
+from .ddpm import DDPM, NoisePredictionScore, VPSchedule, denoising_score_matching
 from .likelihood import bound_nll, ode_nll
 from .loss import path_kl
 from .model import DiffFlow
@@ -51,10 +51,13 @@ class ModelFamily(ABC):
     """How to build, train, sample and score one kind of model on ``(batch, *event_shape)`` data.
 
     ``t0`` and ``T`` are the ends of the family's time interval (data at ``t0``, the ``N(0, I)`` prior at
-    ``T``); ``t_scale = 1 / T`` maps it onto ``[0, 1]`` for the networks' time features.
+    ``T``); ``t_scale = 1 / T`` maps it onto ``[0, 1]`` for the networks' time features. ``stochastic``:
+    whether :meth:`sample` with ``ode=False`` simulates an SDE (diffflow, ddpm); a deterministic family
+    (ffjord) samples with its ODE whatever ``ode`` says.
     """
 
     name: ClassVar[str]
+    stochastic: ClassVar[bool]
     t0: float
     T: float
 
@@ -109,6 +112,8 @@ class ModelFamily(ABC):
 class _DiffusionFamily(ModelFamily):
     """What DiffFlow and DDPM share: a :class:`DiffFlow` sampled by its backward SDE or probability flow on
     :meth:`grid`, scored by the discrete path bound and the probability-flow ODE."""
+
+    stochastic: ClassVar[bool] = True
 
     def sample(self, model: nn.Module, n: int, event_shape: Sequence[int], steps: int,
                generator: torch.Generator, *, ode: bool = False, solver: solvers.ODESolver | None = None) -> Tensor:
@@ -187,6 +192,10 @@ class DDPMFamily(_DiffusionFamily):
     """DDPM as the variance-preserving score SDE (:class:`sdeflow.ddpm.DDPM`): the drift is fixed, only the
     score is learned, by denoising score matching at random times (``steps`` plays no part in training);
     sampled and scored on the uniform grid over ``[t0, T]`` as in Song et al. (2021).
+
+    ``predict_noise`` (default): the network predicts the noise and the score is ``-eps / sigma(t)``
+    (:class:`sdeflow.ddpm.NoisePredictionScore`, Ho et al. 2020); ``False``: the network is the score itself,
+    which must then reach ``~1 / sigma(t0) ~ 100`` near the data and trains far slower.
     """
 
     name: ClassVar[str] = "ddpm"
@@ -194,9 +203,12 @@ class DDPMFamily(_DiffusionFamily):
     T: float = 1.0
     beta_min: float = 0.1
     beta_max: float = 20.0
+    predict_noise: bool = True
 
     def build(self, net: NetFactory) -> DDPM:
-        return DDPM(net("score"), VPSchedule(self.beta_min, self.beta_max), t0=self.t0, T=self.T)
+        schedule = VPSchedule(self.beta_min, self.beta_max)
+        score = NoisePredictionScore(net("score"), schedule) if self.predict_noise else net("score")
+        return DDPM(score, schedule, t0=self.t0, T=self.T)
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
         assert isinstance(model, DDPM)
@@ -219,6 +231,7 @@ class FFJORDFamily(ModelFamily):
     """
 
     name: ClassVar[str] = "ffjord"
+    stochastic: ClassVar[bool] = False
     t0: float = 0.0
     T: float = 1.0
 

@@ -22,7 +22,7 @@ from scipy.integrate import quad
 from torch import Tensor, nn
 
 import solvers
-from sdeflow.ddpm import DDPM, VPDrift, VPSchedule, denoising_score_matching
+from sdeflow.ddpm import DDPM, NoisePredictionScore, VPDrift, VPSchedule, denoising_score_matching
 from sdeflow.likelihood import bound_nll, ode_nll
 from sdeflow.nets import TimeMLP
 from sdeflow.sample import sample, sample_ode
@@ -276,3 +276,28 @@ def test_bound_nll_is_an_upper_bound_whose_gap_shrinks_with_steps():
         assert float(gap.mean()) > 4 * se  # a bound, and a strict one
         gaps[steps] = float(gap.mean())
     assert gaps[400] < 0.5 * gaps[100]
+
+
+def test_noise_prediction_score_is_the_simple_loss():
+    # s = -eps_net / sigma turns the DSM residual sigma s + eps into eps - eps_net: DDPM's simple loss.
+    class Net(nn.Module):
+        def forward(self, x, t):
+            self.x = x
+            return 0.5 * x
+
+    net = Net()
+    model = DDPM(NoisePredictionScore(net, SCHEDULE))
+    x0 = torch.randn(500, 2, generator=torch.Generator().manual_seed(7), dtype=F64)
+    loss = denoising_score_matching(model, x0, torch.Generator().manual_seed(8))
+    g = torch.Generator().manual_seed(8)  # replay the draws of denoising_score_matching: u, then eps
+    u = torch.rand((), generator=g, dtype=F64)
+    t = model.t0 + (model.T - model.t0) * torch.remainder(u + torch.arange(500, dtype=F64) / 500, 1.0)
+    eps = torch.randn(x0.shape, generator=g, dtype=F64)
+    torch.testing.assert_close(net.x, SCHEDULE.mean_coeff(t)[:, None] * x0 + SCHEDULE.std(t)[:, None] * eps)
+    simple = 0.5 * (eps - 0.5 * net.x).pow(2).sum(1).mean()
+    torch.testing.assert_close(loss, simple, rtol=1e-12, atol=0)
+    # scalar and per-sample times give the same score
+    x = torch.randn(4, 2, dtype=F64)
+    torch.testing.assert_close(model.score(x, torch.tensor(0.3, dtype=F64)),
+                               model.score(x, torch.full((4,), 0.3, dtype=F64)))
+    torch.testing.assert_close(model.score(x, 0.3), -0.5 * x / SCHEDULE.std(0.3))
