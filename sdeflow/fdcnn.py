@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .train import atomic_write
+from ._files import atomic_write
 
 __all__ = [
     "CHECKPOINT_FORMAT",

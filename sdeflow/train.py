@@ -34,13 +34,11 @@ import contextlib
 import copy
 import dataclasses
 import math
-import os
-import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,8 +46,10 @@ from torch import Tensor, nn
 
 import solvers
 
+from ._files import atomic_write
 from .data import Scaler, dataset_names, load_points, make_dataset
 from .families import DiffFlowFamily, ModelFamily, make_family
+from .images import IMAGE_SOURCES, ImageData, bits_per_dim_from_nll, dequantize, load_images
 from .likelihood import scaler_log_det
 from .metrics import sample_quality
 from .nets import TimeMLP
@@ -63,6 +63,8 @@ __all__ = [
     "stream_generator",
     "Trainer",
     "build_model",
+    "TrainedModel",
+    "load_trained",
     "load_split",
     "evaluate_model",
     "atomic_write",
@@ -203,7 +205,8 @@ class TrainConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> TrainConfig:
         """A named configuration: ``paper`` (the published 2D setting, the defaults), ``quick`` (:meth:`quick`),
-        ``digits`` (CPU-sized DiffFlow on scikit-learn's 8x8 digits, about 30 minutes on 2 cores),
+        ``digits`` (CPU-sized DiffFlow on scikit-learn's 8x8 digits: 1300 iterations at N = 5, about 27 minutes
+        with 2 threads on a 2-core CPU),
         ``mnist`` and ``cifar10`` (the published image settings, method note §7, for a GPU: g = 1,
         T = 0.05, random power / profile grid, progressive N 5 → 30 / 5 → 75, batch 64 / 100, Adam 2e-4,
         EMA 0.999, clipping 1.0, bfloat16 autocast).
@@ -217,10 +220,10 @@ class TrainConfig:
         presets: dict[str, dict[str, Any]] = {
             "paper": {},
             "quick": dataclasses.asdict(cls.quick()),
-            "digits": {**image, "unet": "digits", "batch_size": 128, "iterations": 4000, "drift_lr": 1e-3,
-                       "score_lr": 1e-3, "lr_decay": 0.5, "lr_decay_every": 2000,
-                       "steps_schedule": ((0, 5), (1500, 10)), "ema_decay": 0.995, "eval_every": 1000,
-                       "checkpoint_every": 500, "eval_size": 256},
+            # sized to train in under half an hour with 2 threads on a 2-core CPU (1.2 s per iteration)
+            "digits": {**image, "unet": "digits", "batch_size": 128, "iterations": 1300, "drift_lr": 1e-3,
+                       "score_lr": 1e-3, "lr_decay": 0.5, "lr_decay_every": 800, "steps": 5, "steps_schedule": (),
+                       "ema_decay": 0.995, "eval_every": 650, "checkpoint_every": 500, "eval_size": 256},
             "mnist": {**image, "unet": "mnist", "batch_size": 64, "iterations": 100_000, "precision": "bf16",
                       "steps_schedule": ((0, 5), (20_000, 10), (40_000, 20), (60_000, 30))},
             "cifar10": {**image, "unet": "cifar10", "score_channels": 64, "batch_size": 100, "iterations": 50_000,
@@ -281,7 +284,8 @@ def build_model(config: TrainConfig, event_shape: tuple[int, ...] = (DIM,)) -> n
 
     Points ``(dim,)``: every field is a ``TimeMLP(dim, width, depth)``. Images ``(C, H, W)``: every field is
     a :class:`sdeflow.unet.UNet` of preset ``config.unet`` (``auto``: by size, 8 → digits, 28 → mnist,
-    32 → cifar10, else the digits layout at this size), with ``unet_channels`` and ``score_channels``.
+    32 → cifar10, else the digits layout at this size), with ``unet_channels`` and ``score_channels``, and
+    attention at the second level (half resolution, rounded up) as in every preset at its own size.
     """
     family = config.family()
     if len(event_shape) == 1:
@@ -294,16 +298,21 @@ def build_model(config: TrainConfig, event_shape: tuple[int, ...] = (DIM,)) -> n
     from .unet import UNet
 
     c, h, w = event_shape
+    presets = {"digits": UNet.digits, "mnist": UNet.mnist, "cifar10": UNet.cifar10}
     preset = config.unet
     if preset == "auto":
         preset = {8: "digits", 28: "mnist", 32: "cifar10"}.get(h, "digits") if h == w else "digits"
+    # every preset attends at its second level (half the resolution: 4 of 8, 14 of 28, 16 of 32); say so
+    # by level, so that the layout carries over to any image size (a 12x12 set attends at 6)
+    half = (min(h, w) + 1) // 2
 
     def image_net(role: str) -> nn.Module:
-        overrides: dict[str, Any] = dict(image_size=(h, w), in_channels=c, t_scale=family.t_scale)
+        overrides: dict[str, Any] = dict(image_size=(h, w), in_channels=c, t_scale=family.t_scale,
+                                         attention_resolutions=(half,))
         channels = config.score_channels if role == "score" and config.score_channels else config.unet_channels
         if channels:
             overrides["base_channels"] = channels
-        return getattr(UNet, preset)(**overrides)
+        return presets[preset](**overrides)
 
     return family.build(image_net)
 
@@ -367,41 +376,6 @@ def load_split(data: str, train_size: int, eval_size: int, generator: torch.Gene
     return DataSplit(points[perm[2 * k:]], heldout, torch.zeros(k, dtype=torch.long), points[perm[k:2 * k]])
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write a file so that ``path`` holds either its old content or the complete new one, never a part.
-
-    ``write(f)`` fills a temporary file in the same directory; it is flushed and fsync'ed, then renamed over
-    ``path`` (``os.replace`` is atomic within a filesystem). On any error the temporary file is removed and
-    ``path`` is untouched.
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> p = pathlib.Path(tempfile.mkdtemp()) / "x.bin"
-        >>> atomic_write(p, lambda f: f.write(b"hello"))
-        >>> p.read_bytes()
-        b'hello'
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:  # plain open: the file gets the usual umask permissions
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    # make the rename itself durable; directories cannot be opened for fsync on some platforms
-    with contextlib.suppress(OSError):
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 @dataclass
 class _Snapshot:
     """In-memory copy of everything a NaN roll-back restores (not the generator: retries get fresh noise)."""
@@ -458,7 +432,7 @@ class ImageTrainData:
     the shard's stream (a new dequantisation every time an image is drawn).
     """
 
-    def __init__(self, images: Any):
+    def __init__(self, images: ImageData):
         self.images = images
         self.event_shape = images.shape
 
@@ -466,8 +440,6 @@ class ImageTrainData:
         return len(self.images.train)
 
     def batch(self, indices: Tensor, generator: torch.Generator, device: torch.device) -> Tensor:
-        from .images import dequantize
-
         if generator.device.type != "cpu":  # dequantize draws on the CPU: a CPU stream derived from the shard's
             seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
             generator = torch.Generator().manual_seed(seed)
@@ -475,23 +447,28 @@ class ImageTrainData:
 
     def heldout(self, n: int, seed: int) -> Tensor:
         """The first ``n`` test images (training images if there is no test set), dequantised with ``seed``."""
-        from .images import dequantize
-
         pool = self.images.test if len(self.images.test) else self.images.train
         return dequantize(pool[:n], self.images.levels, torch.Generator().manual_seed(seed))
 
 
 def is_image_data(data: str) -> bool:
-    """Whether ``data`` names an image set (:data:`sdeflow.images.IMAGE_SOURCES`, a folder, an image array)."""
-    from .images import IMAGE_SOURCES
+    """Whether ``data`` names an image set: one of :data:`sdeflow.images.IMAGE_SOURCES`, a folder (of PNGs), or
+    a ``.npy`` array with 3 or more dimensions (``(n, 2)`` arrays are 2D points).
 
+    Example:
+        >>> is_image_data("digits"), is_image_data("moons")
+        (True, False)
+    """
     if data in IMAGE_SOURCES:
         return True
     path = Path(data)
     if path.is_dir():
         return True
     if path.suffix.lower() == ".npy" and path.is_file():
-        return np.load(path, mmap_mode="r").ndim >= 3
+        try:  # only the header is read (memory map); a broken file is left to the loader, which names the problem
+            return np.load(path, mmap_mode="r", allow_pickle=False).ndim >= 3
+        except (OSError, ValueError):
+            return False
     return False
 
 
@@ -529,9 +506,13 @@ class Trainer:
 
     Args:
         config: the run's settings.
-        data: a registry name (:func:`sdeflow.data.dataset_names`) or a ``.npy``/``.csv`` path.
-        split: the data, already split (default: :func:`load_split` from ``data`` with a generator seeded by
+        data: a registry name (:func:`sdeflow.data.dataset_names`) or a ``.npy``/``.csv`` path of 2D points, or an
+            image source (:func:`is_image_data`: :data:`sdeflow.images.IMAGE_SOURCES`, a PNG folder, an image
+            ``.npy``).
+        split: the 2D data, already split (default: :func:`load_split` from ``data`` with a generator seeded by
             ``config.seed``, so the seed fixes the split too).
+        images: the image data, already loaded (default: :func:`sdeflow.images.load_images` of ``data`` with
+            ``root=config.data_root`` and ``seed=config.seed``).
         device: where the model lives and the loss is computed (default: the CPU).
 
     Under ``torchrun`` (an initialised ``torch.distributed`` process group) the model is wrapped in
@@ -555,7 +536,7 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, data: str, *, split: DataSplit | None = None,
-                 device: torch.device | str = "cpu"):
+                 images: ImageData | None = None, device: torch.device | str = "cpu"):
         self.config = config
         self.data = str(data)
         self.device = torch.device(device)
@@ -565,9 +546,9 @@ class Trainer:
             raise ValueError(f"batch_size {config.batch_size} does not split into {self.world_size} processes "
                              f"x {config.accumulate} micro-batches")
         self.train_data: PointData | ImageTrainData
-        if split is None and is_image_data(self.data):
-            from .images import load_images
-
+        if images is not None:
+            self.train_data = ImageTrainData(images)
+        elif split is None and is_image_data(self.data):
             self.train_data = ImageTrainData(load_images(self.data, root=config.data_root or None, seed=config.seed))
         else:
             if split is None:
@@ -796,16 +777,22 @@ class Trainer:
         """Held-out NLL of the EMA model (final N, fixed grid); appended to history.
 
         The discrete bound where the family has one, else the exact NLL through the ODE (``nll_kind``
-        says which; ``bound_nll`` is kept as a name for the bound). Its noise comes from a generator seeded
-        with ``seed + 1`` at every call, not from the training streams: every evaluation sees the same
-        noise (common random numbers make successive values comparable).
+        says which; ``bound_nll`` is kept as a name for the bound; images use Hutchinson's trace there, one
+        Rademacher probe per image). Its noise comes from a generator seeded with ``seed + 1`` at every call,
+        not from the training streams: every evaluation sees the same noise (common random numbers make
+        successive values comparable). Images also get ``bpd``, the NLL in bits/dim of the discrete data
+        (:func:`sdeflow.images.bits_per_dim_from_nll`).
         """
         x = self.heldout().to(self.device)
         g = torch.Generator(device=self.device).manual_seed(self.config.seed + 1)
         with torch.no_grad():
             bound = self.family.bound_nll(self.ema, x, self.config.final_steps, g)
         kind = "bound" if bound is not None else "exact"
-        nll = bound if bound is not None else self.family.exact_nll(self.ema, x)
+        if bound is not None:
+            nll = bound
+        else:  # the exact trace costs one vector-Jacobian product per dimension: estimate it for images
+            trace = solvers.HutchinsonTrace(generator=g) if self.images else None
+            nll = self.family.exact_nll(self.ema, x, trace=trace)
         value = float(nll.mean())
         recent = self.history.losses[-max(self.config.eval_every, 1):]
         record: dict[str, Any] = {"iteration": self.iteration, "nll": value, "nll_kind": kind,
@@ -813,6 +800,9 @@ class Trainer:
                                   "train_time_s": self.train_time}
         if bound is not None:
             record["bound_nll"] = value
+        if isinstance(self.train_data, ImageTrainData):
+            images = self.train_data.images
+            record["bpd"] = float(bits_per_dim_from_nll(value, images.dim, images.levels))
         self.history.evals.append(record)
         return record
 
@@ -824,7 +814,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "config": self.config.to_dict(),
             "data": self.data,
-            **({} if self.images else {"split": self.split.state_dict(), "scaler": self.scaler.state_dict()}),
+            **self._data_state(),
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "ema_updates": self.ema_updates,
@@ -837,6 +827,15 @@ class Trainer:
             "nan_state": [self._failures, self._failed_at],
         }
 
+    def _data_state(self) -> dict[str, Any]:
+        """Points: the split and scaler (stored: a file may change). Images: only what identifies them (they
+        are reloaded from their source on resume, and the digest checks that it still holds the same images);
+        ``event_shape`` and ``levels`` let :func:`load_trained` sample without the data."""
+        if isinstance(self.train_data, PointData):
+            return {"split": self.split.state_dict(), "scaler": self.scaler.state_dict()}
+        images = self.train_data.images
+        return {"event_shape": list(images.shape), "levels": images.levels, "image_digest": images.digest()}
+
     def save(self, path: str | Path) -> None:
         """Write :meth:`state_dict` to ``path`` atomically (see :func:`atomic_write`); rank 0 only."""
         if not self.is_main:
@@ -846,14 +845,17 @@ class Trainer:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, restore_global_rng: bool = True,
-                        device: torch.device | str = "cpu") -> Trainer:
+                        device: torch.device | str = "cpu", data_root: str | None = None) -> Trainer:
         """Rebuild a trainer from :meth:`save`'s file, ready to continue exactly where it stopped.
 
         ``restore_global_rng`` also restores torch's global RNG as it was at saving time. Every process of a
-        group loads the same file.
+        group loads the same file. Image data is reloaded from its source (the same seed gives the same split),
+        from ``data_root`` if given (the files moved; it replaces ``config.data_root``), and must have the
+        stored digest.
 
         Raises:
-            ValueError: if the file is missing or is not a trainer checkpoint.
+            ValueError: if the file is missing or is not a trainer checkpoint, or the image source no longer
+                holds the images the run was trained on.
         """
         state = load_checkpoint(path)
         config = TrainConfig.from_dict(state["config"])
@@ -861,8 +863,14 @@ class Trainer:
             split = DataSplit.from_state_dict(state["split"])
             trainer = cls(config, state["data"], split=split, device=device)
             trainer.train_data = PointData(split, Scaler.from_state_dict(state["scaler"]))
-        else:  # images are reloaded from their source: the same seed gives the same split
-            trainer = cls(config, state["data"], device=device)
+        else:
+            if data_root is not None:
+                config = dataclasses.replace(config, data_root=data_root)
+            images = load_images(state["data"], root=config.data_root or None, seed=config.seed)
+            if images.digest() != state["image_digest"]:
+                raise ValueError(f"{path}: the images of '{state['data']}' differ from those the run was trained on "
+                                 f"(sha256 {images.digest()[:12]}... != {state['image_digest'][:12]}...)")
+            trainer = cls(config, state["data"], images=images, device=device)
         trainer.model.load_state_dict(state["model"])
         trainer.ema.load_state_dict(state["ema"])
         trainer.ema_updates = int(state["ema_updates"])
@@ -890,6 +898,57 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not an sdeflow trainer checkpoint (expected format {CHECKPOINT_FORMAT})")
     return state
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """The EMA model of a checkpoint and what sampling needs, without the data: see :func:`load_trained`.
+
+    ``event_shape``: ``(2,)`` for points, ``(C, H, W)`` for images; ``scaler``: data → model coordinates
+    (points; ``None`` for images, which live in [-1, 1]); ``levels``: intensity levels (images; ``None`` for
+    points).
+    """
+
+    config: TrainConfig
+    family: ModelFamily
+    ema: nn.Module
+    data: str
+    iteration: int
+    event_shape: tuple[int, ...]
+    scaler: Scaler | None
+    levels: int | None
+
+    @property
+    def images(self) -> bool:
+        """Whether the model is of images."""
+        return len(self.event_shape) == 3
+
+
+def load_trained(path: str | Path, device: torch.device | str = "cpu") -> TrainedModel:
+    """The EMA model of a trainer checkpoint, ready to sample, without loading the training data.
+
+    Raises:
+        ValueError: the file is missing or not a trainer checkpoint.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> t = Trainer(TrainConfig(width=8, depth=1, batch_size=8, steps=2, train_size=32, eval_size=16), "moons")
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "checkpoint.pt"
+        >>> t.save(p)
+        >>> m = load_trained(p)
+        >>> m.event_shape, m.family.sample(m.ema, 3, m.event_shape, 2, torch.Generator().manual_seed(0)).shape
+        ((2,), torch.Size([3, 2]))
+    """
+    state = load_checkpoint(path)
+    config = TrainConfig.from_dict(state["config"])
+    images = "split" not in state
+    shape = tuple(int(s) for s in state["event_shape"]) if images else (DIM,)
+    with torch.random.fork_rng(devices=[]):  # the init is overwritten: keep it off the caller's global RNG
+        model = build_model(config, shape)
+    model.load_state_dict(state["ema"])
+    return TrainedModel(config, config.family(), model.requires_grad_(False).to(device), str(state["data"]),
+                        int(state["iteration"]), shape, None if images else Scaler.from_state_dict(state["scaler"]),
+                        int(state["levels"]) if images else None)
 
 
 def evaluate_model(
