@@ -139,9 +139,9 @@ def _train_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--out", required=True, type=Path, help="output directory")
     t.add_argument("--preset", choices=POINT_PRESETS + IMAGE_PRESETS, default=None,
                    help="2D: quick (a few minutes on a 2-core CPU; default) or paper (the published 2D setting: "
-                        "hours on a CPU). Images: digits (under 30 minutes with --threads 2 on a 2-core CPU; default for digits and "
-                        "your own files), mnist or cifar10 (the published settings, for a GPU; default for those "
-                        "sets)")
+                        "hours on a CPU). Images: digits (30 minutes with --threads 2 on a 2-core CPU; default for "
+                        "digits and your own files), mnist or cifar10 (the published settings, for a GPU; default "
+                        "for those sets)")
     t.add_argument("--model", choices=family_names(), default=None,
                    help="the model family (default diffflow): diffflow, ddpm (VP score SDE, denoising score "
                         "matching) or ffjord (continuous normalizing flow, maximum likelihood)")

@@ -95,3 +95,30 @@ def test_registry():
     assert make_family("ddpm", beta_max=10.0).beta_max == 10.0
     with pytest.raises(ValueError, match="unknown model 'flow'; available: ddpm, diffflow, ffjord"):
         make_family("flow")
+
+
+def test_ffjord_trains_with_the_adaptive_solver_when_given_a_tolerance():
+    # ode_tol > 0: the loss is the Dopri5 log-density at that tolerance, whatever steps says (RK4's depends on
+    # it), and it estimates the exact-trace NLL; other models refuse the setting
+    family = tiny("ffjord", ode_tol=1e-6).family()
+    assert isinstance(family, FFJORDFamily) and family.train_tol == 1e-6
+    rk4 = tiny("ffjord").family()
+    torch.manual_seed(0)
+    model = family.build(lambda role: TimeMLP(2, width=16, depth=2, t_scale=1.0)).double()
+    with torch.no_grad():  # a flow that is not the identity: the last layer starts at zero
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    exact = float(family.exact_nll(model, x).mean())
+
+    def loss(family, steps):  # the same probes every call; many copies of each point average them out
+        with torch.no_grad():
+            return float(family.loss(model, x.repeat(50, 1), steps, torch.Generator().manual_seed(2)))
+
+    assert loss(family, 2) == loss(family, 7)
+    assert loss(rk4, 2) != loss(rk4, 7)
+    assert abs(loss(family, 2) - exact) < 0.05
+    with pytest.raises(ValueError, match="ode_tol is for model 'ffjord'"):
+        tiny("ddpm", ode_tol=1e-3)
+    with pytest.raises(ValueError, match="ode_tol must be finite and >= 0"):
+        tiny("ffjord", ode_tol=-1.0)
