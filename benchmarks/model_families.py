@@ -28,10 +28,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from train_step import measure  # the same turn-taking timer (this script's folder is on sys.path)
 
 from sdeflow.compare import Budget, default_configs
 from sdeflow.nets import TimeMLP
@@ -65,23 +65,6 @@ def make_rows(budget: Budget) -> tuple[dict[str, Callable[[], object]], dict[str
     rows.update({name: trainer.step for name, trainer in trainers.items()})
     params["bare"] = sum(p.numel() for p in net.parameters())
     return rows, params
-
-
-def measure(rows: dict[str, Callable[[], object]], repeats: int, warmup: int
-            ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Wall and process CPU times of each row; the rows take turns so that load elsewhere hits them alike."""
-    for _ in range(warmup):
-        for run in rows.values():
-            run()
-    wall: dict[str, list[float]] = {name: [] for name in rows}
-    cpu: dict[str, list[float]] = {name: [] for name in rows}
-    for _ in range(repeats):
-        for name, run in rows.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            run()
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-    return wall, cpu
 
 
 def main() -> None:
