@@ -17,7 +17,7 @@ second sample of the data scores). Written to --out:
 The same runs from the command line as `sdeflow compare --data ... --out ...`.
 
 Run:  python examples/compare_2d.py --iterations 20 --samples 2000     (a smoke test, about a minute)
-      python examples/compare_2d.py --data checkerboard                  (the full budget: ~20 min, 1 core)
+      python examples/compare_2d.py --data checkerboard                  (the full budget: ~25 min, 1 core)
 """
 
 from __future__ import annotations

@@ -162,6 +162,8 @@ def _train_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--accumulate", type=_positive,
                    help="micro-batches per process and iteration (the batch is split evenly; same result)")
     t.add_argument("--precision", choices=("fp32", "bf16"), help="bf16: autocast the networks (GPU)")
+    t.add_argument("--ode-tol", type=float, help="ffjord: train with the adaptive Dopri5 at this tolerance "
+                                                 "(rtol = atol; default 0: RK4 on --steps equal steps)")
     t.add_argument("--device", default=None,
                    help="cpu (default) or cuda; under torchrun with cuda each process takes cuda:LOCAL_RANK")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -303,7 +305,8 @@ def _config_from_args(args: argparse.Namespace, images: bool) -> TrainConfig:
     for flag, name in (("iterations", "iterations"), ("batch", "batch_size"), ("width", "width"),
                        ("depth", "depth"), ("channels", "unet_channels"), ("eval_size", "eval_size"),
                        ("seed", "seed"), ("eval_every", "eval_every"), ("checkpoint_every", "checkpoint_every"),
-                       ("model", "model"), ("accumulate", "accumulate"), ("precision", "precision")):
+                       ("model", "model"), ("accumulate", "accumulate"), ("precision", "precision"),
+                       ("ode_tol", "ode_tol")):
         if getattr(args, flag) is not None:
             overrides[name] = getattr(args, flag)
     if args.steps is not None:
@@ -320,7 +323,8 @@ def _resumed_trainer(args: argparse.Namespace) -> Trainer:
     path = args.out / "checkpoint.pt"
     if args.force:
         raise UsageError("--resume continues a run and --force starts one over: choose one")
-    frozen = ("preset", "batch", "steps", "width", "depth", "channels", "eval_size", "seed", "model", "accumulate")
+    frozen = ("preset", "batch", "steps", "width", "depth", "channels", "eval_size", "seed", "model", "accumulate",
+              "ode_tol")
     fixed = [f"--{name.replace('_', '-')}" for name in frozen if getattr(args, name) is not None]
     if fixed:
         raise UsageError(f"{', '.join(fixed)} cannot change when resuming (the run keeps its configuration)")

