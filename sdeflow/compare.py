@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import re
 import sys
 import time
@@ -61,10 +60,10 @@ import torch
 from torch import Tensor
 
 from . import densities
-from .data import dataset_names
+from .data import check_source, dataset_names
 from .families import ModelFamily, family_names
 from .likelihood import scaler_log_det
-from .metrics import QualityReport2D, QualityScorer2D
+from .metrics import QualityReport2D, QualityScorer2D, nll_gap_floor
 from .train import DIM, TrainConfig, Trainer, atomic_write
 
 __all__ = [
@@ -366,9 +365,7 @@ def _check_configs(data: str, configs: Mapping[str, TrainConfig]) -> None:
                   if getattr(cfg, f) != getattr(first, f)]
         if differ:
             raise ValueError(f"{name} and {first_name} must share the budget; they differ in {'; '.join(differ)}")
-    if data not in dataset_names() and not Path(data).is_file():
-        raise ValueError(f"unknown dataset '{data}'; available: {', '.join(dataset_names())} "
-                         f"(or a path to a .npy/.csv file)")
+    check_source(data)
 
 
 def _trainer(data: str, config: TrainConfig, path: Path, reuse: bool, progress: bool) -> tuple[Trainer, bool]:
@@ -514,8 +511,7 @@ def compare_models(
         if scorer is None:  # the split is the same for every model (same seed): floors computed once
             scorer = QualityScorer2D(data if exact else None, split.heldout, split.reference, seed=config.seed)
             if exact:
-                logp = densities.log_density(data, split.heldout[:nll_points])
-                nll_floor = float(np.std(logp) / math.sqrt(len(logp)))
+                nll_floor = nll_gap_floor(data, split.heldout[:nll_points])
         result, samples = _evaluate(trainer, name, reused, steps, ode, nll_points, scorer, entropy, progress)
         results.append(result)
         keep = min(_TRAJECTORY_POINTS, len(split.heldout))

@@ -256,6 +256,29 @@ def load_points(path: str | Path) -> Tensor:
     return torch.from_numpy(arr).to(_F32)
 
 
+def check_source(name_or_path: str | Path) -> None:
+    """Refuse, before any work, what is neither a registry name nor an existing ``.npy``/``.csv`` file.
+
+    Raises:
+        ValueError: ``unknown dataset`` (listing the registry) or ``file not found``.
+
+    Example:
+        >>> check_source("moons")
+        >>> check_source("moon")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown dataset 'moon'; available: ...
+    """
+    name = str(name_or_path)
+    if name in DATASETS:
+        return
+    path = Path(name)
+    if path.suffix.lower() not in (".npy", ".csv"):
+        raise ValueError(f"unknown dataset '{name}'; available: {', '.join(DATASETS)} (or a path to a .npy/.csv file)")
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found")
+
+
 def make_dataset(name_or_path: str | Path, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """``n`` points (n, 2) float32 and labels (n,) int64 from a registry name or a .npy/.csv path.
 

@@ -65,6 +65,7 @@ __all__ = [
     "BinnedKL",
     "excess_binned_kl",
     "nll_gap",
+    "nll_gap_floor",
     "knn_quality",
     "QualityReport2D",
     "QualityScorer2D",
@@ -380,6 +381,18 @@ def nll_gap(name: str, nll_nats: float) -> float:
     return value - densities.entropy(name)
 
 
+def nll_gap_floor(name: str, points: Tensor | np.ndarray) -> float:
+    """The noise of :func:`nll_gap` on test ``points`` ``(n, 2)`` (raw coordinates): the standard error of the
+    true density's NLL on them, ``std(log p) / sqrt(n)``, i.e. how far a perfect model's gap strays from 0.
+
+    Example:
+        >>> nll_gap_floor("checkerboard", torch.tensor([[0.5, 0.5], [-1.5, 0.5]]))  # uniform on its support
+        0.0
+    """
+    logp = densities.log_density(name, points)
+    return float(np.std(logp) / math.sqrt(len(logp)))
+
+
 def knn_quality(
     reference: Tensor | np.ndarray,
     samples: Tensor | np.ndarray,
@@ -548,8 +561,7 @@ class QualityScorer2D:
             raise ValueError(f"no exact density for {self.name!r}: NLL - entropy needs a built-in data set")
         if self._nll_floor is None:
             assert self.name is not None
-            logp = densities.log_density(self.name, self._x)
-            self._nll_floor = float(np.std(logp) / math.sqrt(len(logp)))
+            self._nll_floor = nll_gap_floor(self.name, self._x)
         return self._nll_floor
 
     def report(self, samples: Tensor | np.ndarray, *, nll: float | None = None) -> QualityReport2D:

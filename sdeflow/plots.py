@@ -169,14 +169,18 @@ def plot_comparison(rows: list[tuple[str, Samples, Tensor]], labels: Tensor, dat
             xf = forward.xs[i].cpu().numpy()
             axes[r, col].scatter(xf[:, 0], xf[:, 1], c=labels_np, cmap="tab10", vmin=0, vmax=vmax, **_POINT)
             _style(axes[r, col], limits, f"{name}  t = {float(forward.ts[i]):.3g}")
-        y = _numpy(samples)
-        ax = axes[r, _SNAPSHOTS]
-        ax.scatter(data_np[:, 0], data_np[:, 1], color="0.8", **_POINT)
-        ax.scatter(y[:, 0], y[:, 1], color="tab:orange", **_POINT)
-        _style(ax, data_limits, f"{name} samples (grey: data)")
+        _samples_over_data(axes[r, _SNAPSHOTS], _numpy(samples), data_np, data_limits, f"{name} samples (grey: data)")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.savefig(path)
+
+
+def _samples_over_data(ax: Any, y: np.ndarray, data: np.ndarray,
+                       limits: tuple[tuple[float, float], tuple[float, float]], title: str) -> None:
+    """Samples ``y`` (orange) over the data (grey) in one panel."""
+    ax.scatter(data[:, 0], data[:, 1], color="0.8", **_POINT)
+    ax.scatter(y[:, 0], y[:, 1], color="tab:orange", **_POINT)
+    _style(ax, limits, title)
 
 
 def plot_sample_grid(rows: Sequence[tuple[str, Sequence[tuple[str, Tensor]]]], data: Tensor, path: str | Path,
@@ -209,10 +213,7 @@ def plot_sample_grid(rows: Sequence[tuple[str, Sequence[tuple[str, Tensor]]]], d
                 ax.set_axis_off()
                 continue
             label, samples = panels[c]
-            y = _numpy(samples)[:_GRID_POINTS]
-            ax.scatter(data_np[:, 0], data_np[:, 1], color="0.8", **_POINT)
-            ax.scatter(y[:, 0], y[:, 1], color="tab:orange", **_POINT)
-            _style(ax, limits, f"{name}, {label}")
+            _samples_over_data(ax, _numpy(samples)[:_GRID_POINTS], data_np, limits, f"{name}, {label}")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.savefig(path)

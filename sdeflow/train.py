@@ -47,7 +47,7 @@ from torch import Tensor, nn
 import solvers
 
 from ._files import atomic_write
-from .data import Scaler, dataset_names, load_points, make_dataset
+from .data import Scaler, check_source, dataset_names, load_points, make_dataset
 from .families import DiffFlowFamily, ModelFamily, make_family
 from .images import IMAGE_SOURCES, ImageData, bits_per_dim_from_nll, dequantize, load_images
 from .likelihood import scaler_log_det
@@ -372,14 +372,11 @@ def load_split(data: str, train_size: int, eval_size: int, generator: torch.Gene
         heldout, labels = make_dataset(data, eval_size, generator)
         reference, _ = make_dataset(data, eval_size, generator)
         return DataSplit(train, heldout, labels, reference)
-    path = Path(data)
-    if path.suffix.lower() not in (".npy", ".csv"):
-        raise ValueError(f"unknown dataset '{data}'; available: {', '.join(dataset_names())} "
-                         f"(or a path to a .npy/.csv file)")
-    points = load_points(path)
+    check_source(data)
+    points = load_points(data)
     k = min(eval_size, len(points) // 5)
     if k < 2:
-        raise ValueError(f"{path}: {len(points)} points are too few to hold out two evaluation sets; "
+        raise ValueError(f"{data}: {len(points)} points are too few to hold out two evaluation sets; "
                          f"need >= 10")
     perm = torch.randperm(len(points), generator=generator)
     heldout = points[perm[:k]]
