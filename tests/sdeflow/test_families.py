@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from trainer_state import assert_same_state
 
 from sdeflow.families import DDPMFamily, DiffFlowFamily, FFJORDFamily, family_names, make_family
 from sdeflow.nets import TimeMLP
@@ -19,14 +20,6 @@ def tiny(model: str, **overrides) -> TrainConfig:
     return TrainConfig(model=model, **{**TINY, **overrides})
 
 
-def state(trainer: Trainer) -> dict[str, torch.Tensor]:
-    out = {f"model.{k}": v for k, v in trainer.model.state_dict().items()}
-    out.update({f"ema.{k}": v for k, v in trainer.ema.state_dict().items()})
-    for i, s in trainer.optimizer.state_dict()["state"].items():
-        out.update({f"adam.{i}.{k}": v for k, v in s.items()})
-    return out
-
-
 @pytest.mark.parametrize("model", FAMILIES)
 def test_family_trains_checkpoints_and_resumes_bit_exactly(model, tmp_path):
     straight = Trainer(tiny(model), "moons")
@@ -38,14 +31,9 @@ def test_family_trains_checkpoints_and_resumes_bit_exactly(model, tmp_path):
     first.train(2, checkpoint=path, progress=False)
     resumed = Trainer.from_checkpoint(path)
     assert resumed.config.model == model and type(resumed.family) is type(first.family)
-    a, b = state(first), state(resumed)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the round trip
+    assert_same_state(first, resumed)  # the round trip
     resumed.train(4, progress=False)  # crosses a learning-rate decay at iteration 2
-    a, b = state(straight), state(resumed)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert straight.history.losses == resumed.history.losses
+    assert_same_state(straight, resumed)
     # training moved every learned tensor, and the EMA with them
     fresh = Trainer(tiny(model), "moons")
     for before, net, ema in zip(fresh.model.parameters(), straight.model.parameters(), straight.ema.parameters(),
